@@ -1,0 +1,1 @@
+"""Triton N:M sparse matmul kernels (installed as ``spa_compiler.kernels``)."""

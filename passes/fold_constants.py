@@ -1,0 +1,66 @@
+"""Lower Constant nodes to weights and fold constant shape sub-graphs.
+
+PaddlePaddle-style files keep every weight in a ``Constant`` node; lowering them makes them
+plain constants, exactly like initializers. Shape sub-graphs (the legacy torch exporter's
+Shape -> Gather -> Concat -> Reshape chains) fold to constants when the shapes they read are
+static. Large float tensors are not folded: a transposed or dequantized weight stays an op on
+its original weight, so the file keeps the form its author gave it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa_compiler.ir import Model
+from spa_compiler.pipeline import Pass, PassResult
+
+LARGEST_FOLDED_FLOAT_ELEMENTS = 4096
+
+
+def _folds_a_weight(node: gs.Node) -> bool:
+    for tensor in node.inputs:
+        if (
+            isinstance(tensor, gs.Constant)
+            and np.issubdtype(tensor.dtype, np.floating)
+            and int(np.prod(tensor.shape)) > LARGEST_FOLDED_FLOAT_ELEMENTS
+        ):
+            return True
+    return False
+
+
+def _signature(graph: gs.Graph) -> tuple[int, int]:
+    constants = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    return len(graph.nodes), constants
+
+
+class FoldConstants(Pass):
+    name = "fold-constants"
+
+    def call(self, model: Model) -> PassResult:
+        graph = model.graph
+        before = _signature(graph)
+        logger = logging.getLogger("onnx_graphsurgeon")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            import onnxruntime
+            from onnx_graphsurgeon.logger import G_LOGGER
+
+            onnxruntime.set_default_logger_severity(3)
+            gs_level = G_LOGGER.severity
+            G_LOGGER.severity = G_LOGGER.ERROR
+            graph.fold_constants(
+                fold_shapes=True,
+                error_ok=True,
+                flatten_subgraphs=False,
+                should_exclude_node=_folds_a_weight,
+            )
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        finally:
+            G_LOGGER.severity = gs_level
+            logger.setLevel(level)
+        after = _signature(graph)
+        return PassResult(model, changed=after != before, details={"nodes": after[0]})

@@ -1,0 +1,118 @@
+"""Give Reshape outputs the shape their run-time target implies, where ONNX inference cannot.
+
+The legacy torch exporter writes ``x.view(B, S, H, -1)`` as Concat(Shape(x)[0], Shape(x)[1],
+H, -1): with a symbolic batch size, ONNX shape inference leaves the ``-1`` unknown although it
+is a plain integer. This pass reads such targets part by part (constants, and single dims read
+through Shape -> Gather), solves the ``-1`` with symbolic dims cancelling, and records the
+shape on the output tensor. Run shape inference afterwards to propagate it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa_compiler.ir import Model
+from spa_compiler.pipeline import Pass, PassResult
+
+Dim = int | str
+
+
+def _known(shape: list | None) -> bool:
+    return shape is not None and all(
+        isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__")) for d in shape
+    )
+
+
+def _dims_read_by_shape(part: gs.Tensor) -> list[Dim] | None:
+    """Dims held by a 1-D part of a target: a constant, or Unsqueeze(Gather(Shape(t), i))."""
+    if isinstance(part, gs.Constant):
+        return [int(v) for v in np.asarray(part.values).reshape(-1)]
+    node = part.inputs[0] if part.inputs else None
+    if node is not None and node.op == "Unsqueeze":
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None or node.op != "Gather" or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    index = np.asarray(node.inputs[1].values).reshape(-1)
+    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if source is None or source.op != "Shape" or source.attrs.get("start", 0) != 0:
+        return None
+    shape = source.inputs[0].shape
+    if not _known(shape):
+        return None
+    return [shape[int(i)] for i in index]
+
+
+def _target(node: gs.Node) -> list[Dim] | None:
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return [int(v) for v in np.asarray(target.values).reshape(-1)]
+    producer = target.inputs[0] if target.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    dims: list[Dim] = []
+    for part in producer.inputs:
+        values = _dims_read_by_shape(part)
+        if values is None:
+            return None
+        dims.extend(values)
+    return dims
+
+
+def _product(dims: list[Dim]) -> tuple[int, Counter]:
+    number, symbols = 1, Counter()
+    for d in dims:
+        if isinstance(d, int):
+            number *= d
+        else:
+            symbols[d] += 1
+    return number, symbols
+
+
+def resolve_reshape(node: gs.Node) -> list[Dim] | None:
+    in_shape = node.inputs[0].shape
+    if not _known(in_shape):
+        return None
+    target = _target(node)
+    if target is None:
+        return None
+    allow_zero = int(node.attrs.get("allowzero", 0))
+    out: list[Dim] = []
+    for i, d in enumerate(target):
+        if d == 0 and not allow_zero:
+            if i >= len(in_shape):
+                return None
+            out.append(in_shape[i])
+        else:
+            out.append(d)
+    if out.count(-1) > 1:
+        return None
+    if -1 in out:
+        total_number, total_symbols = _product(list(in_shape))
+        rest_number, rest_symbols = _product([d for d in out if d != -1])
+        if rest_symbols - total_symbols or rest_number == 0 or total_number % rest_number:
+            return None
+        left = total_symbols - rest_symbols
+        if left:
+            return None  # the -1 would be symbolic; leave it to shape inference
+        out[out.index(-1)] = total_number // rest_number
+    return out
+
+
+class ResolveReshapes(Pass):
+    name = "resolve-reshapes"
+
+    def call(self, model: Model) -> PassResult:
+        changed = 0
+        for node in model.graph.nodes:
+            if node.op != "Reshape" or _known(node.outputs[0].shape):
+                continue
+            shape = resolve_reshape(node)
+            if shape is not None:
+                node.outputs[0].shape = shape
+                if node.outputs[0].dtype is None:
+                    node.outputs[0].dtype = node.inputs[0].dtype
+                changed += 1
+        return PassResult(model, changed=changed > 0, details={"resolved": changed})

@@ -1,0 +1,219 @@
+"""Loading ONNX files safely into the one IR spa rewrites: onnx-graphsurgeon's ``Graph``.
+
+External data is resolved by spa itself, not by onnx's loader, so that every file read is
+checked first: relative location, inside the model's folder after resolving symbolic links,
+a regular file, offset and length inside it, and a length that matches the tensor's shape.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from spa_compiler.errors import BadInputError, UnsafeExternalDataError
+
+SUPPORTED_OPSETS = range(11, 22)
+SUPPORTED_IR_VERSIONS = range(7, 11)
+
+
+@dataclass
+class Model:
+    """A loaded model: the rewritable graph plus where it came from."""
+
+    graph: gs.Graph
+    opset: int
+    ir_version: int
+    path: pathlib.Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_onnx(self) -> onnx.ModelProto:
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        proto.ir_version = self.ir_version
+        return proto
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph: initializers and node attributes, sub-graphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from iter_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from iter_tensors(subgraph)
+
+
+def _external_file(
+    base_dir: pathlib.Path, tensor: onnx.TensorProto
+) -> tuple[pathlib.Path, int, int]:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = info.location or ""
+    where = f"external data of tensor '{tensor.name}'"
+    if not location:
+        raise BadInputError(f"{where} has no location")
+    if "\x00" in location:
+        raise UnsafeExternalDataError(f"{where} has a location with a NUL byte")
+    relative = pathlib.PurePosixPath(location.replace("\\", "/"))
+    if relative.is_absolute() or pathlib.PureWindowsPath(location).drive:
+        raise UnsafeExternalDataError(
+            f"{where} uses the absolute path '{location}'; only paths inside the model's folder "
+            "are read"
+        )
+    if ".." in relative.parts:
+        raise UnsafeExternalDataError(
+            f"{where} points outside the model's folder ('{location}'): path traversal refused"
+        )
+    root = base_dir.resolve()
+    resolved = (root / relative).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafeExternalDataError(
+            f"{where} resolves outside the model's folder ('{location}' -> '{resolved}'): refused"
+        )
+    if not resolved.exists():
+        raise BadInputError(f"{where}: file '{location}' not found next to the model")
+    if not resolved.is_file():
+        raise BadInputError(f"{where}: '{location}' is not a regular file")
+    file_size = resolved.stat().st_size
+    offset = int(info.offset or 0)
+    if offset < 0 or offset > file_size:
+        raise BadInputError(f"{where}: offset {offset} is past the end of '{location}'")
+    length = file_size - offset if info.length is None or info.length == "" else int(info.length)
+    if length < 0 or offset + length > file_size:
+        raise BadInputError(
+            f"{where}: offset {offset} + length {length} is past the end of '{location}' "
+            f"({file_size} bytes)"
+        )
+    return resolved, offset, length
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError):
+        return None
+    if dtype == np.dtype(object) or tensor.data_type in _SUB_BYTE_TYPES:
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+
+
+_SUB_BYTE_TYPES = {
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def load_external_data(proto: onnx.ModelProto, base_dir: pathlib.Path) -> None:
+    """Read every external tensor into memory after checking where it lives."""
+    for tensor in iter_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        path, offset, length = _external_file(base_dir, tensor)
+        expected = _expected_nbytes(tensor)
+        if expected is not None and expected != length:
+            raise BadInputError(
+                f"external data of tensor '{tensor.name}' holds {length} bytes but its shape "
+                f"{list(tensor.dims)} needs {expected}"
+            )
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+        if len(data) != length:
+            raise BadInputError(f"external data of tensor '{tensor.name}' is truncated")
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _check_dims(proto: onnx.ModelProto) -> None:
+    for tensor in iter_tensors(proto.graph):
+        if any(dim < 0 for dim in tensor.dims):
+            raise BadInputError(f"tensor '{tensor.name}' declares a negative dimension")
+
+
+def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse, resolve external data safely and run the ONNX checker; raise BadInputError."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadInputError(f"{path}: cannot read ({error.strerror})") from None
+    if not data:
+        raise BadInputError(f"{path}: empty file, not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise BadInputError(f"{path}: not an ONNX model (protobuf parse failed: {error})") from None
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise BadInputError(f"{path}: not an ONNX model (no graph or no opset)")
+    _check_dims(proto)
+    load_external_data(proto, path.parent)
+    check_supported(proto, str(path))
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise BadInputError(f"{path}: fails the ONNX checker: {first_line}") from None
+    return proto
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise BadInputError("model imports no default ONNX opset")
+
+
+def check_supported(proto: onnx.ModelProto, where: str = "model") -> None:
+    opset = default_opset(proto)
+    if opset not in SUPPORTED_OPSETS:
+        raise BadInputError(
+            f"{where}: opset {opset} is not supported (supported: "
+            f"{SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1})"
+        )
+    if proto.ir_version not in SUPPORTED_IR_VERSIONS:
+        raise BadInputError(
+            f"{where}: IR version {proto.ir_version} is not supported (supported: "
+            f"{SUPPORTED_IR_VERSIONS.start}-{SUPPORTED_IR_VERSIONS.stop - 1})"
+        )
+
+
+def model_from_proto(proto: onnx.ModelProto, path: pathlib.Path | None = None) -> Model:
+    """Import into graphsurgeon; Constant nodes stay nodes here (the prepare passes lower them)."""
+    check_supported(proto, str(path) if path else "model")
+    try:
+        graph = gs.import_onnx(proto)
+    except Exception as error:  # graphsurgeon raises bare exceptions on malformed graphs
+        raise BadInputError(f"cannot import graph: {error}") from None
+    return Model(
+        graph=graph,
+        opset=default_opset(proto),
+        ir_version=int(proto.ir_version),
+        path=path,
+        metadata={entry.key: entry.value for entry in proto.metadata_props},
+    )
+
+
+def load_model(path: str | os.PathLike[str]) -> Model:
+    """Read an .onnx file (with its external data) into a ``Model``; never modifies the file."""
+    path = pathlib.Path(path)
+    return model_from_proto(read_model_proto(path), path)

@@ -1,0 +1,1104 @@
+"""How channels map through each ONNX op: one small function per op type.
+
+A rule receives a ``RuleContext`` for one node and must account for every axis of every
+input and output: ``link`` it to another axis, ``block`` it with a reason, or ``free`` it (the
+op puts no constraint on it, e.g. an axis Expand creates). Axes a rule leaves unaccounted for
+are blocked automatically, so a rule can be incomplete but never wrong. Ops without a rule
+block all their axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa_compiler.channel_graph import CONSUMER, CONTRACTED, PARAM, PRODUCER, ChannelGraph, Space
+
+Rule = Callable[["RuleContext"], None]
+RULES: dict[str, Rule] = {}
+
+# Ops a weight may pass through on its way to the op that uses it.
+WEIGHT_VIEW_OPS = {"Identity", "Cast", "Transpose", "DequantizeLinear", "CastLike"}
+
+
+def rule(*ops: str) -> Callable[[Rule], Rule]:
+    def register(function: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = function
+        return function
+
+    return register
+
+
+class RuleContext:
+    """What a rule sees: one node, its tensors' shapes and constants, and the channel graph."""
+
+    def __init__(self, channels: ChannelGraph, node: gs.Node, opset: int) -> None:
+        self.channels = channels
+        self.node = node
+        self.opset = opset
+        self.name = node.name or f"{node.op}@{id(node)}"
+        self.covered: set[Space] = set()
+
+    # -- tensors --------------------------------------------------------------------------
+    def input(self, i: int) -> str | None:
+        if i < len(self.node.inputs) and self.node.inputs[i].name:
+            return self.node.inputs[i].name
+        return None
+
+    def output(self, i: int) -> str | None:
+        if i < len(self.node.outputs) and self.node.outputs[i].name:
+            return self.node.outputs[i].name
+        return None
+
+    @property
+    def data_inputs(self) -> list[str]:
+        return [t.name for t in self.node.inputs if t.name]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [t.name for t in self.node.outputs if t.name]
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        return self.channels.shape(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def dim(self, name: str, axis: int) -> int | None:
+        return self.channels.size((name, axis))
+
+    def const(self, i: int) -> np.ndarray | None:
+        """The value of input i if it is a constant (weights and folded shapes alike)."""
+        if i >= len(self.node.inputs):
+            return None
+        tensor = self.node.inputs[i]
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        return None
+
+    def attr(self, key: str, default: object = None) -> Any:
+        return self.node.attrs.get(key, default)
+
+    # -- declarations ---------------------------------------------------------------------
+    def link(
+        self,
+        a: str,
+        axis_a: int,
+        b: str,
+        axis_b: int,
+        a_idx: np.ndarray | None = None,
+        b_idx: np.ndarray | None = None,
+    ) -> None:
+        self.covered.update({(a, axis_a), (b, axis_b)})
+        self.channels.link((a, axis_a), (b, axis_b), a_idx, b_idx, node=self.name)
+
+    def block(self, name: str, axis: int, reason: str) -> None:
+        self.covered.add((name, axis))
+        self.channels.block((name, axis), f"{self.node.op} '{self.name}': {reason}")
+
+    def block_tensor(self, name: str, reason: str) -> None:
+        for axis in range(self.rank(name) or 0):
+            self.block(name, axis, reason)
+
+    def block_all(self, reason: str) -> None:
+        for name in [*self.data_inputs, *self.outputs]:
+            self.block_tensor(name, reason)
+
+    def free(self, name: str, axis: int) -> None:
+        self.covered.add((name, axis))
+
+    def factor(self, whole: tuple[str, int], factors: list[tuple[str, int]]) -> None:
+        self.covered.update([whole, *factors])
+        self.channels.factor(whole, factors, self.name, self.node.op)
+
+    def role(self, name: str, axis: int, role: str) -> None:
+        """Mark a weight axis as producing/reading channels, also on the weight behind views."""
+        self.channels.add_role((name, axis), role, self.name)
+        tensor = self.channels.tensors.get(name)
+        for _ in range(8):
+            if tensor is None or not tensor.inputs or tensor.inputs[0].op not in WEIGHT_VIEW_OPS:
+                break
+            view = tensor.inputs[0]
+            if view.op == "Transpose":
+                perm = view.attrs.get("perm")
+                if perm is None:
+                    break
+                axis = int(perm[axis])
+            tensor = view.inputs[0]
+            self.channels.add_role((tensor.name, axis), role, self.name)
+
+    def same(self, a: str, b: str) -> None:
+        """Link every axis of ``a`` to the same axis of ``b`` (equal ranks)."""
+        for axis in range(self.rank(a) or 0):
+            self.link(a, axis, b, axis)
+
+    def broadcast(self, inputs: list[str], output: str) -> None:
+        """Numpy broadcasting: an input axis equal to the output's links to it."""
+        out_shape = self.shape(output) or []
+        for name in inputs:
+            shape = self.shape(name) or []
+            offset = len(out_shape) - len(shape)
+            for axis, dim in enumerate(shape):
+                out_axis = offset + axis
+                out_dim = out_shape[out_axis] if out_axis >= 0 else None
+                if out_axis < 0:
+                    self.block(name, axis, "broadcast beyond the output's rank")
+                elif dim == 1 and out_dim != 1:
+                    self.free(name, axis)
+                elif dim == out_dim or not isinstance(dim, int) or not isinstance(out_dim, int):
+                    self.link(name, axis, output, out_axis)
+                    if self.channels.is_weight(name):
+                        self.role(name, axis, PARAM)
+                else:
+                    self.block(name, axis, f"broadcast of {dim} to {out_dim}")
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def axes_input_or_attr(ctx: RuleContext, input_index: int) -> list[int] | None:
+    """Axes given as an attribute (older opsets) or as a constant input (newer opsets)."""
+    if "axes" in ctx.node.attrs:
+        return [int(a) for a in ctx.attr("axes")]
+    if ctx.input(input_index) is None:
+        return []
+    value = ctx.const(input_index)
+    return None if value is None else [int(a) for a in value.reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise ops: every axis maps to itself.
+
+UNARY_OPS = (
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Gelu",
+    "Erf",
+    "Clip",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Elu",
+    "Selu",
+    "Celu",
+    "ThresholdedRelu",
+    "Identity",
+    "Cast",
+    "Neg",
+    "Abs",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Sin",
+    "Cos",
+    "Not",
+    "IsNaN",
+    "IsInf",
+    "Dropout",
+    "Swish",
+)
+
+
+@rule(*UNARY_OPS)
+def unary(ctx: RuleContext) -> None:
+    data = ctx.input(0)
+    for output in ctx.outputs:  # Dropout's mask has the data's shape too
+        ctx.same(data, output)
+    for name in ctx.data_inputs[1:]:  # Clip bounds, Dropout ratio: scalars
+        ctx.block_tensor(name, "scalar operand")
+
+
+BROADCAST_OPS = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Max",
+    "Min",
+    "Sum",
+    "Mean",
+    "Where",
+    "Equal",
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "Mod",
+    "PRelu",
+    "BitShift",
+    "CastLike",
+)
+
+
+@rule(*BROADCAST_OPS)
+def broadcasting(ctx: RuleContext) -> None:
+    inputs = ctx.data_inputs
+    if ctx.node.op == "CastLike":
+        inputs = inputs[:1]
+        ctx.block_tensor(ctx.input(1), "type source of CastLike")
+    ctx.broadcast(inputs, ctx.output(0))
+
+
+@rule("QuantizeLinear", "DequantizeLinear")
+def quantize(ctx: RuleContext) -> None:
+    data, output = ctx.input(0), ctx.output(0)
+    ctx.same(data, output)
+    rank = ctx.rank(data) or 0
+    axis = normalize_axis(int(ctx.attr("axis", 1)), rank)
+    for i in (1, 2):
+        name = ctx.input(i)
+        if name is None:
+            continue
+        if ctx.rank(name) == 1 and rank > 0:
+            ctx.link(name, 0, output, axis)
+            ctx.role(name, 0, PARAM)
+        else:
+            ctx.block_tensor(name, "quantization parameter")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted ops: the sources and consumers of channels.
+
+
+def _spatial(ctx: RuleContext, names: list[str], first: int, reason: str) -> None:
+    for name in names:
+        for axis in range(first, ctx.rank(name) or 0):
+            ctx.block(name, axis, reason)
+
+
+@rule("Conv")
+def conv(ctx: RuleContext) -> None:
+    x, w, y, b = ctx.input(0), ctx.input(1), ctx.output(0), ctx.input(2)
+    groups = int(ctx.attr("group", 1))
+    ctx.link(x, 0, y, 0)
+    _spatial(ctx, [x, y, w], 2, "spatial axis of a convolution")
+    if b is not None:
+        ctx.link(b, 0, y, 1)
+        ctx.role(b, 0, PRODUCER)
+    ctx.link(w, 0, y, 1)
+    ctx.role(w, 0, PRODUCER)
+    if groups == 1:
+        ctx.link(x, 1, w, 1)
+        ctx.role(w, 1, CONSUMER)
+        return
+    _grouped(ctx, x, y, groups)
+    ctx.block(w, 1, "in-group input position of a grouped convolution: whole groups are pruned")
+
+
+def _grouped(ctx: RuleContext, x: str, y: str, groups: int) -> None:
+    """Grouped convolution: input group g and output group g are removed together."""
+    channels_in, channels_out = ctx.dim(x, 1), ctx.dim(y, 1)
+    if channels_in is None or channels_out is None:
+        ctx.block(x, 1, "grouped convolution with unknown channel count")
+        ctx.block(y, 1, "grouped convolution with unknown channel count")
+        return
+    per_group_in, per_group_out = channels_in // groups, channels_out // groups
+    inputs = np.arange(channels_in)
+    ctx.link(x, 1, y, 1, inputs, (inputs // per_group_in) * per_group_out)
+    outputs = np.arange(channels_out)
+    ctx.link(y, 1, y, 1, outputs, (outputs // per_group_out) * per_group_out)
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx: RuleContext) -> None:
+    x, w, y, b = ctx.input(0), ctx.input(1), ctx.output(0), ctx.input(2)
+    groups = int(ctx.attr("group", 1))
+    ctx.link(x, 0, y, 0)
+    _spatial(ctx, [x, y, w], 2, "spatial axis of a transposed convolution")
+    if b is not None:
+        ctx.link(b, 0, y, 1)
+        ctx.role(b, 0, PRODUCER)
+    ctx.link(x, 1, w, 0)
+    ctx.role(w, 0, CONSUMER)
+    if groups == 1:
+        ctx.link(w, 1, y, 1)
+        ctx.role(w, 1, PRODUCER)
+        return
+    ctx.role(w, 0, PRODUCER)
+    _grouped(ctx, x, y, groups)
+    ctx.block(w, 1, "in-group output position of a grouped transposed convolution")
+
+
+@rule("Gemm")
+def gemm(ctx: RuleContext) -> None:
+    a, b, y, c = ctx.input(0), ctx.input(1), ctx.output(0), ctx.input(2)
+    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    a_m, a_k = (1, 0) if trans_a else (0, 1)
+    b_k, b_n = (1, 0) if trans_b else (0, 1)
+    ctx.link(a, a_m, y, 0)
+    ctx.link(a, a_k, b, b_k)
+    ctx.link(b, b_n, y, 1)
+    _weight_roles(ctx, a, a_m, a_k, b, b_n, b_k)
+    if c is not None:
+        ctx.broadcast([c], y)
+        rank_c = ctx.rank(c) or 0
+        if _is_weight_like(ctx, c) and rank_c >= 1 and ctx.dim(c, rank_c - 1) == ctx.dim(y, 1):
+            ctx.role(c, rank_c - 1, PRODUCER)
+
+
+def _weight_roles(ctx: RuleContext, a: str, a_m: int, a_k: int, b: str, b_n: int, b_k: int) -> None:
+    weight_a, weight_b = _is_weight_like(ctx, a), _is_weight_like(ctx, b)
+    if weight_b:
+        ctx.role(b, b_k, CONSUMER)
+        ctx.role(b, b_n, PRODUCER)
+    if weight_a:
+        ctx.role(a, a_k, CONSUMER)
+        ctx.role(a, a_m, PRODUCER)
+    if not weight_a and not weight_b:
+        ctx.channels.add_role((a, a_k), CONTRACTED, ctx.name)
+        ctx.channels.add_role((b, b_k), CONTRACTED, ctx.name)
+
+
+def _is_weight_like(ctx: RuleContext, name: str) -> bool:
+    tensor = ctx.channels.tensors.get(name)
+    for _ in range(8):
+        if isinstance(tensor, gs.Constant):
+            return True
+        if tensor is None or not tensor.inputs or tensor.inputs[0].op not in WEIGHT_VIEW_OPS:
+            return False
+        tensor = tensor.inputs[0].inputs[0]
+    return False
+
+
+@rule("MatMul")
+def matmul(ctx: RuleContext) -> None:
+    a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    rank_a, rank_b, rank_y = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if rank_a == 1 or rank_b == 1:
+        if rank_a == 1 and rank_b == 1:
+            ctx.link(a, 0, b, 0)
+        elif rank_a == 1:
+            ctx.link(a, 0, b, rank_b - 2)
+            ctx.link(b, rank_b - 1, y, rank_y - 1)
+            _batch_axes(ctx, [(b, rank_b - 2)], y, rank_y - 1)
+        else:
+            ctx.link(a, rank_a - 1, b, 0)
+            ctx.link(a, rank_a - 2, y, rank_y - 1)
+            _batch_axes(ctx, [(a, rank_a - 2)], y, rank_y - 1)
+        return
+    ctx.link(a, rank_a - 2, y, rank_y - 2)
+    ctx.link(a, rank_a - 1, b, rank_b - 2)
+    ctx.link(b, rank_b - 1, y, rank_y - 1)
+    _weight_roles(ctx, a, rank_a - 2, rank_a - 1, b, rank_b - 1, rank_b - 2)
+    heads = not _is_weight_like(ctx, a) and not _is_weight_like(ctx, b)
+    _batch_axes(ctx, [(a, rank_a - 2), (b, rank_b - 2)], y, rank_y - 2, heads)
+
+
+def _batch_axes(
+    ctx: RuleContext, operands: list[tuple[str, int]], y: str, y_batch: int, heads: bool = False
+) -> None:
+    """Leading (batch) axes broadcast like element-wise ops."""
+    y_shape = ctx.shape(y) or []
+    for name, batch_rank in operands:
+        shape = ctx.shape(name) or []
+        offset = y_batch - batch_rank
+        for axis in range(batch_rank):
+            y_axis = offset + axis
+            if shape[axis] == 1 and y_shape[y_axis] != 1:
+                ctx.free(name, axis)
+            else:
+                ctx.link(name, axis, y, y_axis)
+                if heads:
+                    ctx.channels.head_spaces.add((name, axis))
+                    ctx.channels.head_spaces.add((y, y_axis))
+
+
+@rule("Einsum")
+def einsum(ctx: RuleContext) -> None:
+    equation = str(ctx.attr("equation", b"")).replace(" ", "")
+    if isinstance(ctx.attr("equation"), bytes):
+        equation = ctx.attr("equation").decode().replace(" ", "")
+    if "->" not in equation or "." in equation:
+        ctx.block_all(f"Einsum equation '{equation}' (implicit output or ellipsis) not mapped")
+        return
+    lhs, out_letters = equation.split("->")
+    operand_letters = lhs.split(",")
+    inputs, y = ctx.data_inputs, ctx.output(0)
+    if len(operand_letters) != len(inputs) or any(
+        len(set(letters)) != len(letters) for letters in [*operand_letters, out_letters]
+    ):
+        ctx.block_all(f"Einsum equation '{equation}' repeats an index")
+        return
+    weights = [_is_weight_like(ctx, name) for name in inputs]
+    for name, letters, is_weight in zip(inputs, operand_letters, weights, strict=True):
+        for axis, letter in enumerate(letters):
+            if letter in out_letters:
+                ctx.link(name, axis, y, out_letters.index(letter))
+                shared = sum(letter in other for other in operand_letters) > 1
+                if is_weight:
+                    ctx.role(name, axis, PARAM if shared else PRODUCER)
+                elif shared and not any(weights):
+                    ctx.channels.head_spaces.add((name, axis))
+            else:
+                partners = [
+                    (other, other_letters.index(letter))
+                    for other, other_letters in zip(inputs, operand_letters, strict=True)
+                    if other != name and letter in other_letters
+                ]
+                if not partners:
+                    ctx.block(name, axis, f"summed out by Einsum '{equation}'")
+                for other, other_axis in partners:
+                    ctx.link(name, axis, other, other_axis)
+                if is_weight:
+                    ctx.role(name, axis, CONSUMER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalizations.
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def per_channel_norm(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    ctx.same(x, y)
+    for name in ctx.data_inputs[1:]:
+        ctx.link(name, 0, y, 1)
+        ctx.role(name, 0, PARAM)
+    for name in ctx.outputs[1:]:  # training-mode running statistics
+        ctx.link(name, 0, y, 1)
+
+
+@rule("LayerNormalization")
+def layer_norm(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    first = normalize_axis(int(ctx.attr("axis", -1)), rank)
+    for axis in range(rank):
+        if axis < first:
+            ctx.link(x, axis, y, axis)
+        else:
+            reason = "normalized over by LayerNormalization (removing channels changes the "
+            reason += "statistics of the channels kept)"
+            ctx.block(x, axis, reason)
+            ctx.block(y, axis, reason)
+    for name in ctx.data_inputs[1:]:
+        ctx.broadcast([name], y)
+    for name in ctx.outputs[1:]:  # Mean, InvStdDev
+        for axis in range(min(first, ctx.rank(name) or 0)):
+            ctx.link(name, axis, y, axis)
+        for axis in range(first, ctx.rank(name) or 0):
+            ctx.free(name, axis)
+
+
+@rule("GroupNormalization")
+def group_norm(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    groups = int(ctx.attr("num_groups"))
+    ctx.link(x, 0, y, 0)
+    _spatial(ctx, [x, y], 2, "normalized over by GroupNormalization")
+    channels = ctx.dim(x, 1)
+    if channels is None:
+        ctx.block(x, 1, "unknown channel count")
+        return
+    per_group = channels // groups
+    index = np.arange(channels)
+    ctx.link(x, 1, y, 1)
+    # Channels of one normalization group share statistics: only whole groups are removable.
+    ctx.link(y, 1, y, 1, index, (index // per_group) * per_group)
+    for name in ctx.data_inputs[1:]:
+        size = ctx.dim(name, 0)
+        if size == channels:
+            ctx.link(name, 0, y, 1)
+        elif size == groups:
+            ctx.link(name, 0, y, 1, np.arange(groups), np.arange(groups) * per_group)
+        else:
+            ctx.block(name, 0, "unexpected GroupNormalization parameter size")
+        ctx.role(name, 0, PARAM)
+
+
+@rule("LpNormalization", "MeanVarianceNormalization", "LRN")
+def cross_channel_norm(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    if ctx.node.op == "LpNormalization":
+        coupled = {normalize_axis(int(ctx.attr("axis", -1)), rank)}
+    elif ctx.node.op == "LRN":
+        coupled = {1}
+    else:
+        coupled = {normalize_axis(a, rank) for a in ctx.attr("axes", [0, 2, 3])}
+    for axis in range(rank):
+        if axis in coupled:
+            ctx.block(x, axis, f"channels are normalized together by {ctx.node.op}")
+            ctx.block(y, axis, f"channels are normalized together by {ctx.node.op}")
+        else:
+            ctx.link(x, axis, y, axis)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    default = -1 if ctx.opset >= 13 else 1
+    axis = normalize_axis(int(ctx.attr("axis", default)), rank)
+    coupled = {axis} if ctx.opset >= 13 else set(range(axis, rank))
+    for i in range(rank):
+        if i in coupled:
+            ctx.block(x, i, f"{ctx.node.op} axis")
+            ctx.block(y, i, f"{ctx.node.op} axis")
+        else:
+            ctx.link(x, i, y, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and pooling.
+
+REDUCE_OPS = (
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+    "ArgMax",
+    "ArgMin",
+)
+
+
+@rule(*REDUCE_OPS)
+def reduce(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    if ctx.node.op in ("ArgMax", "ArgMin"):
+        axes: list[int] | None = [int(ctx.attr("axis", 0))]
+    else:
+        axes = axes_input_or_attr(ctx, 1)
+        if ctx.input(1) is not None:
+            ctx.block_tensor(ctx.input(1), "axes operand")
+    if axes is None:
+        ctx.block_all("reduction axes computed at run time")
+        return
+    if not axes:
+        noop = int(ctx.attr("noop_with_empty_axes", 0))
+        axes = [] if noop else list(range(rank))
+    reduced = {normalize_axis(a, rank) for a in axes}
+    keepdims = int(ctx.attr("keepdims", 1))
+    reason = f"reduced by {ctx.node.op} (every channel feeds every output)"
+    if ctx.node.op == "ReduceMean" and _feeds_normalization(ctx.node):
+        reason = "normalized over by a LayerNorm/RMSNorm pattern (ReduceMean): removing channels "
+        reason += "changes the statistics of the channels kept"
+    out_axis = 0
+    for axis in range(rank):
+        if axis in reduced:
+            ctx.block(x, axis, reason)
+            if keepdims:
+                ctx.free(y, out_axis)
+                out_axis += 1
+        else:
+            ctx.link(x, axis, y, out_axis)
+            out_axis += 1
+
+
+def _feeds_normalization(node: gs.Node) -> bool:
+    frontier, seen = [node], 0
+    for _ in range(4):
+        following = []
+        for current in frontier:
+            for output in current.outputs:
+                following.extend(output.outputs)
+        if any(n.op in ("Sqrt", "Reciprocal", "Div", "Pow") for n in following):
+            return True
+        frontier, seen = following, seen + len(following)
+        if seen > 64:
+            break
+    return False
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def pooling(ctx: RuleContext) -> None:
+    x = ctx.input(0)
+    for y in ctx.outputs:  # MaxPool's optional Indices output too
+        ctx.link(x, 0, y, 0)
+        ctx.link(x, 1, y, 1)
+        _spatial(ctx, [y], 2, "spatial axis of pooling")
+    _spatial(ctx, [x], 2, "spatial axis of pooling")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data movement.
+
+
+@rule("Concat")
+def concat(ctx: RuleContext) -> None:
+    y = ctx.output(0)
+    rank = ctx.rank(y) or 0
+    axis = normalize_axis(int(ctx.attr("axis")), rank)
+    offset: int | None = 0
+    for name in ctx.data_inputs:
+        for i in range(rank):
+            if i != axis:
+                ctx.link(name, i, y, i)
+        size = ctx.dim(name, axis)
+        if offset is None or size is None:
+            ctx.block(name, axis, "Concat of an input of unknown size")
+            ctx.block(y, axis, "Concat of an input of unknown size")
+            offset = None
+            continue
+        ctx.link(name, axis, y, axis, np.arange(size), offset + np.arange(size))
+        offset += size
+
+
+@rule("Split")
+def split(ctx: RuleContext) -> None:
+    x = ctx.input(0)
+    rank = ctx.rank(x) or 0
+    axis = normalize_axis(int(ctx.attr("axis", 0)), rank)
+    if ctx.input(1) is not None:
+        ctx.block_tensor(ctx.input(1), "split sizes operand")
+    offset: int | None = 0
+    for y in ctx.outputs:
+        for i in range(rank):
+            if i != axis:
+                ctx.link(x, i, y, i)
+        size = ctx.dim(y, axis)
+        if offset is None or size is None:
+            ctx.block(x, axis, "Split into parts of unknown size")
+            ctx.block(y, axis, "Split into parts of unknown size")
+            offset = None
+            continue
+        ctx.link(y, axis, x, axis, np.arange(size), offset + np.arange(size))
+        offset += size
+
+
+@rule("Slice")
+def slice_(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    if ctx.opset >= 10:
+        values = [ctx.const(i) if ctx.input(i) is not None else None for i in range(1, 5)]
+        for i in range(1, 5):
+            if ctx.input(i) is not None:
+                ctx.block_tensor(ctx.input(i), "slice bounds operand")
+        starts, ends, axes, steps = values
+        if (
+            starts is None
+            or ends is None
+            or (ctx.input(3) and axes is None)
+            or (ctx.input(4) and steps is None)
+        ):
+            ctx.block_all("Slice bounds computed at run time")
+            return
+    else:
+        starts = np.array(ctx.attr("starts"))
+        ends = np.array(ctx.attr("ends"))
+        axes = np.array(ctx.attr("axes")) if "axes" in ctx.node.attrs else None
+        steps = None
+    axes_list = list(range(len(starts))) if axes is None else [int(a) for a in axes]
+    steps_list = [1] * len(starts) if steps is None else [int(s) for s in steps]
+    sliced = {}
+    for start, end, axis, step in zip(starts, ends, axes_list, steps_list, strict=True):
+        sliced[normalize_axis(axis, rank)] = (int(start), int(end), step)
+    for axis in range(rank):
+        if axis not in sliced:
+            ctx.link(x, axis, y, axis)
+            continue
+        size = ctx.dim(x, axis)
+        if size is None:
+            ctx.block(x, axis, "sliced axis of unknown size")
+            ctx.block(y, axis, "sliced axis of unknown size")
+            continue
+        start, end, step = sliced[axis]
+        start = max(min(start, np.iinfo(np.int64).max), np.iinfo(np.int64).min)
+        selected = np.arange(size)[slice(start, end, step)]
+        ctx.link(y, axis, x, axis, np.arange(len(selected)), selected)
+
+
+@rule("Gather")
+def gather(ctx: RuleContext) -> None:
+    data, indices, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    rank = ctx.rank(data) or 0
+    axis = normalize_axis(int(ctx.attr("axis", 0)), rank)
+    index_rank = ctx.rank(indices) or 0
+    value = ctx.const(1)
+    for i in range(rank):
+        if i < axis:
+            ctx.link(data, i, y, i)
+        elif i > axis:
+            ctx.link(data, i, y, i - 1 + index_rank)
+            if ctx.channels.is_weight(data):
+                ctx.role(data, i, PRODUCER)  # an embedding table produces channels
+    if value is not None and value.ndim == 1 and ctx.dim(data, axis) is not None:
+        selected = np.where(value < 0, value + ctx.dim(data, axis), value)
+        ctx.link(y, axis, data, axis, np.arange(len(selected)), selected)
+        ctx.block_tensor(indices, "constant gather indices")
+        return
+    ctx.block(data, axis, "gathered by indices known only at run time")
+    for i in range(index_rank):
+        ctx.link(indices, i, y, axis + i)
+
+
+@rule("Reshape")
+def reshape(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    shape_input = ctx.input(1)
+    if shape_input is not None:
+        ctx.block_tensor(shape_input, "reshape target operand")
+        target = ctx.const(1)
+        if target is None and not _shape_from_parts(ctx, 1):
+            ctx.block_all("Reshape target computed at run time in a form spa cannot rewrite")
+            return
+    regroup(ctx, x, y)
+
+
+def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
+    """A run-time target is fine if it is a Concat of constants and of single dims read by
+    Shape: Shape blocks the axes it reads, so a pruned axis never hides in a run-time part."""
+    producer = ctx.node.inputs[index].inputs[0] if ctx.node.inputs[index].inputs else None
+    if producer is None or producer.op != "Concat":
+        return False
+    return all(
+        isinstance(part, gs.Constant) or (part.shape is not None and len(part.shape) == 1)
+        for part in producer.inputs
+    )
+
+
+@rule("Flatten")
+def flatten(ctx: RuleContext) -> None:
+    regroup(ctx, ctx.input(0), ctx.output(0))
+
+
+def regroup(ctx: RuleContext, x: str, y: str) -> None:
+    """Map axes between two shapes with the same element order (Reshape, Flatten)."""
+    in_shape, out_shape = ctx.shape(x), ctx.shape(y)
+    if in_shape is None or out_shape is None:
+        ctx.block_all("reshape between shapes spa does not know")
+        return
+    blocks = _reshape_blocks(in_shape, out_shape)
+    if blocks is None:
+        ctx.block_all(f"cannot match reshape {in_shape} -> {out_shape}")
+        return
+    for in_axes, out_axes in blocks:
+        in_axes = [a for a in in_axes if in_shape[a] != 1] or in_axes
+        out_axes = [a for a in out_axes if out_shape[a] != 1] or out_axes
+        for a in in_axes:
+            ctx.free(x, a)
+        for a in out_axes:
+            ctx.free(y, a)
+        if len(in_axes) == 1 and len(out_axes) == 1:
+            ctx.link(x, in_axes[0], y, out_axes[0])
+        elif len(in_axes) == 1:
+            ctx.factor((x, in_axes[0]), [(y, a) for a in out_axes])
+        elif len(out_axes) == 1:
+            ctx.factor((y, out_axes[0]), [(x, a) for a in in_axes])
+        else:
+            for a in in_axes:
+                ctx.block(x, a, "reshape regroups several axes into several others")
+            for a in out_axes:
+                ctx.block(y, a, "reshape regroups several axes into several others")
+    # Size-1 axes a block dropped: nothing to prune there.
+    for axis, dim in enumerate(in_shape):
+        if dim == 1:
+            ctx.free(x, axis)
+    for axis, dim in enumerate(out_shape):
+        if dim == 1:
+            ctx.free(y, axis)
+
+
+def _reshape_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input axes with runs of output axes that hold the same elements."""
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and in_shape[i] == 1:
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1:
+            j += 1
+            continue
+        if i >= len(in_shape) or j >= len(out_shape):
+            return None
+        a, b = in_shape[i], out_shape[j]
+        if not isinstance(a, int) or not isinstance(b, int):
+            if a == b and a is not None:  # the same symbolic dimension
+                blocks.append(([i], [j]))
+                i, j = i + 1, j + 1
+                continue
+            if (
+                not isinstance(a, int)
+                and not isinstance(b, int)
+                and _lone_unknown(in_shape, out_shape, i, j)
+            ):
+                blocks.append(([i], [j]))
+                i, j = i + 1, j + 1
+                continue
+            return None
+        in_axes, out_axes = [i], [j]
+        i, j = i + 1, j + 1
+        while a != b:
+            if a < b:
+                if i >= len(in_shape) or not isinstance(in_shape[i], int):
+                    return None
+                a *= in_shape[i]
+                in_axes.append(i)
+                i += 1
+            else:
+                if j >= len(out_shape) or not isinstance(out_shape[j], int):
+                    return None
+                b *= out_shape[j]
+                out_axes.append(j)
+                j += 1
+        blocks.append((in_axes, out_axes))
+    return blocks
+
+
+def _lone_unknown(in_shape: list, out_shape: list, i: int, j: int) -> bool:
+    """Two unknown dims pair up when everything after them matches element for element."""
+    rest_in = [d for d in in_shape[i + 1 :] if d != 1]
+    rest_out = [d for d in out_shape[j + 1 :] if d != 1]
+    known = all(isinstance(d, int) for d in rest_in + rest_out)
+    before_in = [d for d in in_shape[:i] if d != 1]
+    before_out = [d for d in out_shape[:j] if d != 1]
+    return (
+        known
+        and int(np.prod(rest_in)) == int(np.prod(rest_out))
+        and len(before_in) == len(before_out)
+        and all(isinstance(d, int) for d in before_in + before_out)
+        and int(np.prod(before_in)) == int(np.prod(before_out))
+    )
+
+
+@rule("Transpose")
+def transpose(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    perm = ctx.attr("perm") or list(reversed(range(rank)))
+    for out_axis, in_axis in enumerate(perm):
+        ctx.link(x, int(in_axis), y, out_axis)
+
+
+@rule("Squeeze", "Unsqueeze")
+def squeeze(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    if ctx.input(1) is not None:
+        ctx.block_tensor(ctx.input(1), "axes operand")
+    axes = axes_input_or_attr(ctx, 1)
+    if axes is None:
+        ctx.block_all("axes computed at run time")
+        return
+    in_rank, out_rank = ctx.rank(x) or 0, ctx.rank(y) or 0
+    if ctx.node.op == "Squeeze":
+        if not axes:
+            axes = [a for a, d in enumerate(ctx.shape(x) or []) if d == 1]
+        dropped = {normalize_axis(a, in_rank) for a in axes}
+        kept_in = [a for a in range(in_rank) if a not in dropped]
+        kept_out = list(range(out_rank))
+        for a in dropped:
+            ctx.free(x, a)
+    else:
+        added = {normalize_axis(a, out_rank) for a in axes}
+        kept_in = list(range(in_rank))
+        kept_out = [a for a in range(out_rank) if a not in added]
+        for a in added:
+            ctx.free(y, a)
+    for a, b in zip(kept_in, kept_out, strict=True):
+        ctx.link(x, a, y, b)
+
+
+@rule("Expand")
+def expand(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    ctx.block_tensor(ctx.input(1), "target shape operand")
+    x_shape, y_shape = ctx.shape(x) or [], ctx.shape(y) or []
+    static_target = ctx.const(1) is not None
+    offset = len(y_shape) - len(x_shape)
+    for axis in range(len(y_shape)):
+        in_axis = axis - offset
+        if in_axis >= 0 and x_shape[in_axis] == y_shape[axis]:
+            ctx.link(x, in_axis, y, axis)
+            continue
+        if in_axis >= 0:
+            ctx.free(x, in_axis)
+        if static_target:
+            ctx.free(y, axis)  # repeated copies; a rewrite shrinks the target shape
+        else:
+            ctx.block(y, axis, "Expand target computed at run time")
+
+
+@rule("Tile")
+def tile(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    ctx.block_tensor(ctx.input(1), "repeats operand")
+    repeats = ctx.const(1)
+    if repeats is None:
+        ctx.block_all("Tile repeats computed at run time")
+        return
+    for axis, count in enumerate(repeats.reshape(-1).tolist()):
+        size = ctx.dim(x, axis)
+        if count == 1:
+            ctx.link(x, axis, y, axis)
+        elif size is None:
+            ctx.block(x, axis, "tiled axis of unknown size")
+            ctx.block(y, axis, "tiled axis of unknown size")
+        else:
+            out = np.arange(size * count)
+            ctx.link(y, axis, x, axis, out, out % size)
+
+
+@rule("Pad")
+def pad(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    for i in range(1, 4):
+        if ctx.input(i) is not None:
+            ctx.block_tensor(ctx.input(i), "pad operand")
+    pads = np.array(ctx.attr("pads")) if "pads" in ctx.node.attrs else ctx.const(1)
+    axes = ctx.const(3) if ctx.input(3) is not None else None
+    if pads is None or (ctx.input(3) is not None and axes is None):
+        ctx.block_all("pads computed at run time")
+        return
+    axes_list = list(range(rank)) if axes is None else [normalize_axis(int(a), rank) for a in axes]
+    pads = pads.reshape(-1)
+    padded = {
+        axis for k, axis in enumerate(axes_list) if pads[k] != 0 or pads[k + len(axes_list)] != 0
+    }
+    for axis in range(rank):
+        if axis in padded:
+            ctx.block(x, axis, "padded axis")
+            ctx.block(y, axis, "padded axis")
+        else:
+            ctx.link(x, axis, y, axis)
+
+
+@rule("Resize", "Upsample")
+def resize(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    for name in ctx.data_inputs[1:]:
+        ctx.block_tensor(name, "resize operand")
+    x_shape, y_shape = ctx.shape(x), ctx.shape(y)
+    if x_shape is None or y_shape is None or len(x_shape) != len(y_shape):
+        ctx.block_all("resize between shapes spa does not know")
+        return
+    scales = ctx.const(2) if ctx.node.op == "Resize" else ctx.const(1)
+    for axis, (a, b) in enumerate(zip(x_shape, y_shape, strict=True)):
+        kept = a == b and (scales is None or scales.size == 0 or float(scales[axis]) == 1.0)
+        if kept and axis < 2:
+            ctx.link(x, axis, y, axis)
+        else:
+            ctx.block(x, axis, "resized axis")
+            ctx.block(y, axis, "resized axis")
+
+
+@rule("Trilu")
+def trilu(ctx: RuleContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x) or 0
+    if ctx.input(1) is not None:
+        ctx.block_tensor(ctx.input(1), "diagonal offset operand")
+    for axis in range(rank):
+        if axis >= rank - 2:
+            ctx.block(x, axis, "position-dependent mask of Trilu")
+            ctx.block(y, axis, "position-dependent mask of Trilu")
+        else:
+            ctx.link(x, axis, y, axis)
+
+
+@rule("Shape", "Size")
+def shape_reader(ctx: RuleContext) -> None:
+    x = ctx.input(0)
+    rank = ctx.rank(x) or 0
+    for name in ctx.outputs:
+        ctx.block_tensor(name, "shape value")
+    if ctx.node.op == "Size":
+        ctx.block_tensor(x, "its size is read by Size")
+        return
+    start = normalize_axis(int(ctx.attr("start", 0)), rank)
+    end = int(ctx.attr("end", rank))
+    end = max(0, min(rank, normalize_axis(end, rank)))
+    read = set(range(start, end))
+    narrowed = _axes_read_through(ctx.node, start)
+    if narrowed is not None:
+        read &= narrowed
+    for axis in range(rank):
+        if axis in read:
+            ctx.block(x, axis, "its size is read by a Shape computation")
+        else:
+            ctx.free(x, axis)
+
+
+def _axes_read_through(node: gs.Node, start: int) -> set[int] | None:
+    """Axes whose sizes actually leave Shape, when every consumer picks constant indices."""
+    read: set[int] = set()
+    for consumer in node.outputs[0].outputs:
+        if consumer.op == "Gather" and isinstance(consumer.inputs[1], gs.Constant):
+            read.update(start + int(i) for i in np.asarray(consumer.inputs[1].values).reshape(-1))
+        elif (
+            consumer.op == "Slice"
+            and all(isinstance(t, gs.Constant) for t in consumer.inputs[1:3])
+            and len(consumer.inputs) <= 4
+        ):
+            begin = int(np.asarray(consumer.inputs[1].values).reshape(-1)[0])
+            stop = int(np.asarray(consumer.inputs[2].values).reshape(-1)[0])
+            read.update(start + i for i in range(begin, max(begin, min(stop, 64))))
+        else:
+            return None
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops whose channels spa does not try to follow.
+
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+@rule(*RECURRENT_OPS)
+def recurrent(ctx: RuleContext) -> None:
+    ctx.block_all("recurrent op: its gates mix channels across time steps")
+
+
+@rule("If", "Loop", "Scan")
+def control_flow(ctx: RuleContext) -> None:
+    reason = f"crosses a {ctx.node.op} sub-graph"
+    ctx.block_all(reason)
+    for name in outer_scope_inputs(ctx.node):
+        ctx.block_tensor(name, reason)
+
+
+def outer_scope_inputs(node: gs.Node) -> list[str]:
+    """Tensors of enclosing graphs that a node's sub-graphs read implicitly."""
+    names: list[str] = []
+    for value in node.attrs.values():
+        subgraphs = value if isinstance(value, list) else [value]
+        for subgraph in subgraphs:
+            if not isinstance(subgraph, gs.Graph):
+                continue
+            produced = {t.name for n in subgraph.nodes for t in n.outputs}
+            produced.update(t.name for t in subgraph.inputs)
+            for inner in subgraph.nodes:
+                for tensor in inner.inputs:
+                    if tensor.name and tensor.name not in produced and tensor.name not in names:
+                        names.append(tensor.name)
+                names.extend(n for n in outer_scope_inputs(inner) if n not in produced)
+    return names
+
+
+def unknown(ctx: RuleContext) -> None:
+    domain = f"{ctx.node.domain}." if ctx.node.domain else ""
+    ctx.block_all(f"no channel rule for op {domain}{ctx.node.op}")
+
+
+def rule_for(node: gs.Node) -> Rule:
+    if node.domain not in (None, "", "ai.onnx"):
+        return unknown
+    return RULES.get(node.op, unknown)
