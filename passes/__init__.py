@@ -1,8 +1,8 @@
 """Compiler passes (installed as ``spa_compiler.passes``), one pass per module."""
 
 from spa_compiler.passes.analyze_channels import AnalyzeChannels
+from spa_compiler.passes.complete_shapes import CompleteShapes
 from spa_compiler.passes.fold_constants import FoldConstants
 from spa_compiler.passes.infer_shapes import InferShapes
-from spa_compiler.passes.resolve_reshapes import ResolveReshapes
 
-__all__ = ["AnalyzeChannels", "FoldConstants", "InferShapes", "ResolveReshapes"]
+__all__ = ["AnalyzeChannels", "CompleteShapes", "FoldConstants", "InferShapes"]

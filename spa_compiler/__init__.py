@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import onnx
+
 from spa_compiler.analysis import Analysis
 from spa_compiler.channel_graph import ChannelGraph, Group, Member
 from spa_compiler.errors import BadInputError, SpaError
-from spa_compiler.ir import Model, load_model
+from spa_compiler.ir import Model, load_model, model_from_proto
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,7 @@ __all__ = [
     "Member",
     "Model",
     "SpaError",
+    "from_proto",
     "inspect",
     "load",
     "load_model",
@@ -28,12 +31,12 @@ __all__ = [
 
 def prepare(model: Model) -> Model:
     """Shape inference and constant folding: the passes every analysis starts from."""
-    from spa_compiler.passes import FoldConstants, InferShapes, ResolveReshapes
+    from spa_compiler.passes import CompleteShapes, FoldConstants, InferShapes
     from spa_compiler.pipeline import run_passes
 
     model = run_passes(model, [InferShapes(), FoldConstants(), InferShapes()]).model
     for _ in range(8):  # each round can unlock reshapes further down
-        result = run_passes(model, [ResolveReshapes()])
+        result = run_passes(model, [CompleteShapes()])
         if not result.changed:
             break
         model = run_passes(result.model, [InferShapes()]).model
@@ -45,9 +48,26 @@ def load(path: str | os.PathLike[str]) -> Model:
     return prepare(load_model(path))
 
 
-def inspect(model_or_path: Model | str | os.PathLike[str], heads: str = "head") -> Analysis:
-    """Coupled-channel analysis of a model: groups, what blocks them, and coverage."""
+def from_proto(proto: onnx.ModelProto) -> Model:
+    """Check an in-memory ModelProto (no external data) and prepare it for analysis."""
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise BadInputError(f"model fails the ONNX checker: {str(error).strip()[:300]}") from None
+    return prepare(model_from_proto(proto))
+
+
+def inspect(
+    model: Model | onnx.ModelProto | str | os.PathLike[str], heads: str = "head"
+) -> Analysis:
+    """Coupled-channel analysis of a model: groups, what blocks them, and coverage.
+
+    ``model`` is a path, an in-memory ``onnx.ModelProto`` or an already prepared ``Model``.
+    """
     from spa_compiler.passes import AnalyzeChannels
 
-    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
+    if isinstance(model, onnx.ModelProto):
+        model = from_proto(model)
+    elif not isinstance(model, Model):
+        model = load(model)
     return AnalyzeChannels(heads=heads)(model).details["analysis"]

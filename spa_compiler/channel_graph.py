@@ -321,22 +321,29 @@ class ChannelGraph:
                     if text not in blocked_reasons[int(label)]:
                         blocked_reasons[int(label)].append(text)
 
-        order = np.lexsort((np.arange(total), space_of_atom, labels))
-        sorted_labels = labels[order]
-        sorted_spaces = space_of_atom[order]
-        boundaries = np.flatnonzero(np.diff(sorted_labels)) + 1
-        starts = np.concatenate([[0], boundaries])
-        ends = np.concatenate([boundaries, [total]])
+        # One row per (component, space) with its atom count, sorted by component then space.
+        n_spaces = len(spaces)
+        pairs, counts = np.unique(labels * n_spaces + space_of_atom, return_counts=True)
+        pair_labels, pair_spaces = pairs // n_spaces, pairs % n_spaces
+        table = np.stack([pair_spaces, counts], axis=1).astype(np.int64)
+        boundaries = np.flatnonzero(np.diff(pair_labels)) + 1
+        starts = np.concatenate([[0], boundaries]).tolist()
+        ends = np.concatenate([boundaries, [len(pairs)]]).tolist()
 
-        by_signature: dict[tuple[tuple[int, int], ...], list[int]] = {}
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            members, counts = np.unique(sorted_spaces[start:end], return_counts=True)
-            signature = tuple(zip(members.tolist(), counts.tolist(), strict=True))
-            by_signature.setdefault(signature, []).append(int(sorted_labels[start]))
+        by_signature: dict[bytes, list[int]] = {}
+        signatures: dict[bytes, np.ndarray] = {}
+        for start, end in zip(starts, ends, strict=True):
+            rows = table[start:end]
+            key = rows.tobytes()
+            if key not in by_signature:
+                by_signature[key] = []
+                signatures[key] = rows
+            by_signature[key].append(int(pair_labels[start]))
 
         groups: list[Group] = []
         channel_of_label = np.full(labels.max() + 1, -1, dtype=np.int64)
-        for signature, components in by_signature.items():
+        for key, components in by_signature.items():
+            signature = signatures[key].tolist()
             components_array = np.array(components, dtype=np.int64)
             channel_of_label[components_array] = np.arange(len(components))
             members: list[Member] = []

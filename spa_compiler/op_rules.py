@@ -1027,7 +1027,8 @@ def shape_reader(ctx: RuleContext) -> None:
     end = int(ctx.attr("end", rank))
     end = max(0, min(rank, normalize_axis(end, rank)))
     read = set(range(start, end))
-    narrowed = _axes_read_through(ctx.node, start)
+    graph_outputs = {t.name for t in ctx.channels.graph.outputs}
+    narrowed = None if ctx.output(0) in graph_outputs else _axes_read_through(ctx.node, start)
     if narrowed is not None:
         read &= narrowed
     for axis in range(rank):
@@ -1040,6 +1041,8 @@ def shape_reader(ctx: RuleContext) -> None:
 def _axes_read_through(node: gs.Node, start: int) -> set[int] | None:
     """Axes whose sizes actually leave Shape, when every consumer picks constant indices."""
     read: set[int] = set()
+    if not node.outputs[0].outputs:
+        return None
     for consumer in node.outputs[0].outputs:
         if consumer.op == "Gather" and isinstance(consumer.inputs[1], gs.Constant):
             read.update(start + int(i) for i in np.asarray(consumer.inputs[1].values).reshape(-1))

@@ -1,5 +1,9 @@
-"""Give Reshape outputs the shape their run-time target implies, where ONNX inference cannot.
+"""Fill in output shapes ONNX shape inference leaves unknown but spa can derive exactly.
 
+Shape-preserving ops (activations, normalizations) whose inference ONNX does not implement
+for a given opset get their input's shape.
+
+Reshape outputs get the shape their run-time target implies.
 The legacy torch exporter writes ``x.view(B, S, H, -1)`` as Concat(Shape(x)[0], Shape(x)[1],
 H, -1): with a symbolic batch size, ONNX shape inference leaves the ``-1`` unknown although it
 is a plain integer. This pass reads such targets part by part (constants, and single dims read
@@ -101,13 +105,47 @@ def resolve_reshape(node: gs.Node) -> list[Dim] | None:
     return out
 
 
-class ResolveReshapes(Pass):
-    name = "resolve-reshapes"
+SHAPE_PRESERVING_OPS = {
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Gelu",
+    "Erf",
+    "Mish",
+    "Softplus",
+    "Softmax",
+    "LogSoftmax",
+    "Identity",
+    "Dropout",
+    "Clip",
+    "Elu",
+    "Selu",
+    "Celu",
+}
+
+
+class CompleteShapes(Pass):
+    name = "complete-shapes"
 
     def call(self, model: Model) -> PassResult:
         changed = 0
         for node in model.graph.nodes:
-            if node.op != "Reshape" or _known(node.outputs[0].shape):
+            output = node.outputs[0] if node.outputs else None
+            if output is None or _known(output.shape):
+                continue
+            if node.op in SHAPE_PRESERVING_OPS and _known(node.inputs[0].shape):
+                output.shape = list(node.inputs[0].shape)
+                output.dtype = output.dtype or node.inputs[0].dtype
+                changed += 1
+                continue
+            if node.op != "Reshape":
                 continue
             shape = resolve_reshape(node)
             if shape is not None:

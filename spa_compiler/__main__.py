@@ -1,0 +1,3 @@
+from spa_compiler.cli import entry
+
+entry()

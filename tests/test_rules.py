@@ -1,0 +1,327 @@
+"""Each op rule on a hand-built graph: asserted groups, sizes and blocked reasons, plus the
+exactness oracle on every prunable group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builder import GraphBuilder
+from onnx import TensorProto
+from oracle import check_groups
+
+import spa_compiler
+from spa_compiler.analysis import Analysis
+
+
+def analyze(builder: GraphBuilder, heads: str = "head") -> tuple[spa_compiler.Model, Analysis]:
+    model = spa_compiler.from_proto(builder.model())
+    analysis = spa_compiler.inspect(model, heads=heads)
+    return model, analysis
+
+
+def group_of(analysis: Analysis, tensor: str, axis: int):
+    for group in analysis.groups:
+        if any(m.tensor == tensor and m.axis == axis for m in group.members):
+            return group
+    raise AssertionError(f"no group holds {tensor}[{axis}]")
+
+
+def names(members) -> set[tuple[str, int]]:
+    return {(m.tensor, m.axis) for m in members}
+
+
+def member(group, tensor: str, axis: int):
+    return next(m for m in group.members if m.tensor == tensor and m.axis == axis)
+
+
+def test_conv_chain_sources_consumers_and_bn():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.conv(x, 3, 8, name="c1")
+    y = b.op(
+        "BatchNormalization",
+        [
+            y,
+            b.weight("s", [8]),
+            b.weight("bb", [8]),
+            b.weight("m", [8]),
+            b.const("v", np.ones(8, np.float32)),
+        ],
+    )
+    y = b.op("Relu", [y])
+    y = b.conv(y, 8, 4, name="c2")
+    b.output(y)
+    model, analysis = analyze(b)
+    group = group_of(analysis, "c1.weight", 0)
+    assert group.prunable and group.channels == 8 and group.granularity == 1
+    assert names(group.sources) == {("c1.weight", 0), ("c1.bias", 0)}
+    assert names(group.consumers) == {("c2.weight", 1)}
+    assert names(group.params) == {("s", 0), ("bb", 0), ("m", 0), ("v", 0)}
+    assert not group_of(analysis, "c2.weight", 0).prunable  # graph output
+    assert "graph output" in group_of(analysis, "c2.weight", 0).blocked_reasons[0]
+    assert not group_of(analysis, "c1.weight", 1).prunable  # graph input
+    assert len(analysis.prunable) == 1
+    assert check_groups(model, analysis) == 1
+
+
+def test_residual_add_couples_producers():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    stem = b.op("Relu", [b.conv(x, 4, 8, name="stem")])
+    branch = b.op("Relu", [b.conv(stem, 8, 6, name="a")])
+    branch = b.conv(branch, 6, 8, name="b")
+    y = b.op("Relu", [b.op("Add", [stem, branch])])
+    y = b.conv(y, 8, 2, name="head")
+    b.output(y)
+    model, analysis = analyze(b)
+    trunk = group_of(analysis, "stem.weight", 0)
+    assert trunk.prunable and trunk.channels == 8
+    assert names(trunk.sources) == {
+        ("stem.weight", 0),
+        ("stem.bias", 0),
+        ("b.weight", 0),
+        ("b.bias", 0),
+    }
+    assert names(trunk.consumers) == {("a.weight", 1), ("head.weight", 1)}
+    inner = group_of(analysis, "a.weight", 0)
+    assert inner.prunable and inner.channels == 6 and inner is not trunk
+    assert check_groups(model, analysis) == 2
+
+
+def test_concat_offsets():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    left = b.op("Relu", [b.conv(x, 3, 4, name="left")])
+    right = b.op("Relu", [b.conv(x, 3, 6, name="right")])
+    y = b.op("Concat", [left, right], axis=1)
+    b.output(b.conv(y, 10, 2, name="fuse"))
+    model, analysis = analyze(b)
+    g_left, g_right = group_of(analysis, "left.weight", 0), group_of(analysis, "right.weight", 0)
+    assert (g_left.channels, g_right.channels) == (4, 6)
+    np.testing.assert_array_equal(member(g_left, "fuse.weight", 1).indices[:, 0], np.arange(4))
+    np.testing.assert_array_equal(member(g_right, "fuse.weight", 1).indices[:, 0], 4 + np.arange(6))
+    assert check_groups(model, analysis) == 2
+
+
+def test_split_and_slice_and_gather():
+    b = GraphBuilder(opset=13)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 12, name="c")])
+    first, second = b.op("Split", [y, b.const("sizes", np.array([4, 8]))], n_out=2, axis=1)
+    sliced = b.op(
+        "Slice",
+        [
+            second,
+            b.const("st", np.array([2])),
+            b.const("en", np.array([8])),
+            b.const("ax", np.array([1])),
+        ],
+    )
+    picked = b.op("Gather", [first, b.const("idx", np.array([3, 1, 1]))], axis=1)
+    b.output(b.conv(sliced, 6, 2, name="use_slice"))
+    b.output(b.conv(picked, 3, 2, name="use_gather"))
+    model, analysis = analyze(b)
+    groups = [
+        g for g in analysis.groups if any(m.tensor == "c.weight" and m.axis == 0 for m in g.members)
+    ]
+    by_size = {g.channels: g for g in groups}
+    # c's 12 channels: 0, 2 (in first part, unused), 1 (gathered twice), 3, 4..5 (sliced
+    # away), 6..11 (kept by the slice).
+    assert sum(g.channels for g in groups) == 12
+    sliced_group = group_of(analysis, "use_slice.weight", 1)
+    np.testing.assert_array_equal(
+        member(sliced_group, "c.weight", 0).indices[:, 0], np.arange(6, 12)
+    )
+    gathered = group_of(analysis, "use_gather.weight", 1)
+    assert sorted(member(gathered, "c.weight", 0).indices[:, 0].tolist()) in ([1, 3], [1], [3])
+    assert by_size  # groups exist
+    assert check_groups(model, analysis) >= 2
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_conv_prunes_whole_groups(groups):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="pw1")])
+    y = b.op("Relu", [b.conv(y, 8, 8, group=groups, name="gc")])
+    b.output(b.conv(y, 8, 2, name="pw2"))
+    model, analysis = analyze(b)
+    group = group_of(analysis, "pw1.weight", 0)
+    assert group.prunable and group.channels == groups and group.granularity == 8 // groups
+    assert ("gc.weight", 0) in names(group.sources)
+    assert ("pw2.weight", 1) in names(group.consumers)
+    reasons = group_of(analysis, "gc.weight", 1).blocked_reasons
+    assert any("grouped convolution" in r for r in reasons)
+    assert check_groups(model, analysis) == 1
+
+
+def test_depthwise_conv_passes_channels_through():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="pw1")])
+    y = b.op("HardSwish", [b.conv(y, 8, 8, group=8, name="dw")])
+    b.output(b.conv(y, 8, 2, name="pw2"))
+    model, analysis = analyze(b)
+    group = group_of(analysis, "pw1.weight", 0)
+    assert group.channels == 8 and group.granularity == 1 and group.prunable
+    assert {("dw.weight", 0), ("dw.bias", 0)} <= names(group.sources)
+    assert check_groups(model, analysis) == 1
+
+
+def test_gemm_transposes_and_matmul_weight_left():
+    b = GraphBuilder()
+    x = b.input("x", [2, 6])
+    h = b.op("Gemm", [x, b.weight("w1", [5, 6]), b.weight("b1", [5])], transB=1)
+    h = b.op("Tanh", [h])
+    h = b.op("Gemm", [h, b.weight("w2", [5, 7])], transA=0)
+    h = b.op("Relu", [h])
+    ht = b.op("Transpose", [h], perm=[1, 0])
+    out = b.op("MatMul", [b.weight("w3", [3, 7]), ht])
+    b.output(out)
+    model, analysis = analyze(b)
+    g1 = group_of(analysis, "w1", 0)
+    assert g1.prunable and names(g1.sources) == {("w1", 0), ("b1", 0)}
+    assert names(g1.consumers) == {("w2", 0)}
+    g2 = group_of(analysis, "w2", 1)
+    assert g2.prunable and names(g2.consumers) == {("w3", 1)}
+    assert check_groups(model, analysis) == 2
+
+
+def test_flatten_merges_spatial_into_consumer_blocks():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    y = b.op("Relu", [b.conv(x, 3, 5, name="c")])
+    y = b.op("Flatten", [y], axis=1)
+    b.output(b.op("Gemm", [y, b.weight("fc", [2, 80])], transB=1))
+    model, analysis = analyze(b)
+    group = group_of(analysis, "c.weight", 0)
+    assert group.prunable and group.channels == 5
+    fc = member(group, "fc", 1)
+    assert fc.indices.shape == (5, 16)
+    np.testing.assert_array_equal(fc.indices[2], np.arange(32, 48))
+    assert check_groups(model, analysis) == 1
+
+
+def test_channel_shuffle_is_a_permutation():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="c")])
+    y = b.op("Reshape", [y, b.const("s1", np.array([1, 2, 4, 8, 8]))])
+    y = b.op("Transpose", [y], perm=[0, 2, 1, 3, 4])
+    y = b.op("Reshape", [y, b.const("s2", np.array([1, 8, 8, 8]))])
+    b.output(b.conv(y, 8, 2, name="after"))
+    model, analysis = analyze(b)
+    group = group_of(analysis, "c.weight", 0)
+    assert group.prunable
+    assert group.channels == 4 and group.granularity == 2  # columns of the 2x4 shuffle
+    before = member(group, "c.weight", 0).indices
+    after = member(group, "after.weight", 1).indices
+    # Channel i*4+j of the producer lands at j*2+i after the shuffle.
+    for rows, cols in zip(before, after, strict=True):
+        assert sorted((c % 4) * 2 + c // 4 for c in rows) == sorted(cols.tolist())
+    assert check_groups(model, analysis) == 1
+
+
+def test_attention_heads_and_head_dim():
+    b = GraphBuilder()
+    x = b.input("x", [1, 5, 16])
+    q = b.op("MatMul", [x, b.weight("wq", [16, 16])])
+    k = b.op("MatMul", [x, b.weight("wk", [16, 16])])
+    v = b.op("MatMul", [x, b.weight("wv", [16, 16])])
+    shape = b.const("heads", np.array([1, 5, 4, 4]))
+    q = b.op("Transpose", [b.op("Reshape", [q, shape])], perm=[0, 2, 1, 3])
+    k = b.op("Transpose", [b.op("Reshape", [k, shape])], perm=[0, 2, 3, 1])
+    v = b.op("Transpose", [b.op("Reshape", [v, shape])], perm=[0, 2, 1, 3])
+    scores = b.op("Softmax", [b.op("MatMul", [q, k])], axis=-1)
+    out = b.op("Transpose", [b.op("MatMul", [scores, v])], perm=[0, 2, 1, 3])
+    out = b.op("Reshape", [out, b.const("merge", np.array([1, 5, 16]))])
+    b.output(b.op("MatMul", [out, b.weight("wo", [16, 16])]))
+    model, analysis = analyze(b)
+    heads = group_of(analysis, "wq", 1)
+    assert heads.prunable and heads.channels == 4 and heads.granularity == 4
+    assert names(heads.sources) == {("wq", 1), ("wk", 1), ("wv", 1)}
+    assert names(heads.consumers) == {("wo", 0)}
+    assert check_groups(model, analysis) == 1
+    _, by_dim = analyze(b, heads="dim")
+    qk = group_of(by_dim, "wq", 1)
+    vo = group_of(by_dim, "wv", 1)
+    assert qk is not vo and qk.channels == 4 and vo.channels == 4
+    assert names(vo.consumers) == {("wo", 0)} and not qk.consumers
+
+
+def test_softmax_layernorm_and_reduce_block_their_axes():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8])
+    h = b.op("MatMul", [x, b.weight("w1", [8, 8])])
+    s = b.op("Softmax", [h], axis=-1)
+    n = b.op(
+        "LayerNormalization",
+        [b.op("MatMul", [x, b.weight("w2", [8, 8])]), b.weight("g", [8]), b.weight("beta", [8])],
+        axis=-1,
+    )
+    mean = b.op("ReduceMean", [b.op("MatMul", [x, b.weight("w3", [8, 8])])], axes=[-1])
+    b.output(b.op("MatMul", [s, b.weight("o1", [8, 2])]))
+    b.output(b.op("MatMul", [n, b.weight("o2", [8, 2])]))
+    b.output(mean)
+    _, analysis = analyze(b)
+    assert "Softmax axis" in " ".join(group_of(analysis, "w1", 1).blocked_reasons)
+    assert "LayerNormalization" in " ".join(group_of(analysis, "w2", 1).blocked_reasons)
+    assert "ReduceMean" in " ".join(group_of(analysis, "w3", 1).blocked_reasons)
+    assert not analysis.prunable
+
+
+def test_unknown_op_blocks_with_reason():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(x, 3, 8, name="c1")
+    y = b.op("DepthToSpace", [y], blocksize=2)
+    b.output(b.conv(y, 2, 2, name="c2"))
+    _, analysis = analyze(b)
+    reasons = " ".join(group_of(analysis, "c1.weight", 0).blocked_reasons)
+    assert "no channel rule for op DepthToSpace" in reasons
+
+
+def test_group_norm_prunes_whole_groups():
+    b = GraphBuilder(opset=21)
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.conv(x, 3, 8, name="c1")
+    y = b.op("GroupNormalization", [y, b.weight("gs", [8]), b.weight("gb", [8])], num_groups=4)
+    b.output(b.conv(b.op("Relu", [y]), 8, 2, name="c2"), shape=[1, 2, 8, 8])
+    model, analysis = analyze(b)
+    group = group_of(analysis, "c1.weight", 0)
+    assert group.prunable and group.channels == 4 and group.granularity == 2
+    assert check_groups(model, analysis) == 1
+
+
+def test_lstm_and_if_block_their_channels():
+    b = GraphBuilder()
+    x = b.input("x", [3, 1, 4])
+    h = b.op("MatMul", [x, b.weight("w_in", [4, 6])])
+    outs = b.op(
+        "LSTM", [h, b.weight("W", [1, 20, 6]), b.weight("R", [1, 20, 5])], n_out=3, hidden_size=5
+    )
+    b.output(outs[0])
+    _, analysis = analyze(b)
+    assert "recurrent op" in " ".join(group_of(analysis, "w_in", 1).blocked_reasons)
+
+
+def test_einsum_linear():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 4])
+    h = b.op("Relu", [b.op("Einsum", [x, b.weight("w1", [4, 6])], equation="bij,jk->bik")])
+    b.output(b.op("Einsum", [h, b.weight("w2", [6, 2])], equation="bik,kl->bil"))
+    model, analysis = analyze(b)
+    group = group_of(analysis, "w1", 1)
+    assert group.prunable and names(group.consumers) == {("w2", 0)}
+    assert check_groups(model, analysis) == 1
+
+
+def test_shape_read_blocks_axis():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.op("Relu", [b.conv(x, 3, 8, name="c1")])
+    size = b.op("Shape", [y])
+    b.output(size, TensorProto.INT64)
+    b.output(b.conv(y, 8, 2, name="c2"))
+    _, analysis = analyze(b)
+    assert any("Shape" in r for r in group_of(analysis, "c1.weight", 0).blocked_reasons)
