@@ -18,16 +18,20 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa_compiler.ir import Model
+from spa_compiler.ir import Model, is_anonymous_dim
 from spa_compiler.pipeline import Pass, PassResult
 
 Dim = int | str
 
 
 def _known(shape: list | None) -> bool:
-    return shape is not None and all(
-        isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__")) for d in shape
-    )
+    """No dim is missing (named and anonymous symbolic dims are fine)."""
+    return shape is not None and all(isinstance(d, (int, str)) for d in shape)
+
+
+def _complete(shape: list | None) -> bool:
+    """Every dim is a number or a name the model gave (nothing left to derive)."""
+    return shape is not None and not any(is_anonymous_dim(d) for d in shape)
 
 
 def _dims_read_by_shape(part: gs.Tensor) -> list[Dim] | None:
@@ -138,7 +142,7 @@ class CompleteShapes(Pass):
         changed = 0
         for node in model.graph.nodes:
             output = node.outputs[0] if node.outputs else None
-            if output is None or _known(output.shape):
+            if output is None or _complete(output.shape):
                 continue
             if node.op in SHAPE_PRESERVING_OPS and _known(node.inputs[0].shape):
                 output.shape = list(node.inputs[0].shape)

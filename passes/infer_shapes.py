@@ -1,4 +1,6 @@
-"""ONNX shape inference with data propagation, so Reshape targets computed from Shape are known.
+"""Shape inference: ONNX's (with data propagation), then onnxruntime's symbolic shape
+inference, which follows the shape arithmetic exporters emit (Shape -> Gather -> Concat ->
+Where -> Expand for torch's expand, B*S merges for addmm) with named symbolic dims.
 
 Inference runs on a skeleton of the graph: large weights become typed graph inputs, so the
 weights are neither serialized nor copied (BERT-base: 3.5 s -> well under a second). Shapes
@@ -7,11 +9,13 @@ are written back onto the graphsurgeon tensors in place.
 
 from __future__ import annotations
 
+import itertools
+
 import onnx
 import onnx_graphsurgeon as gs
 
 from spa_compiler.errors import BadInputError
-from spa_compiler.ir import Model
+from spa_compiler.ir import ANONYMOUS_DIM_PREFIX, Model
 from spa_compiler.pipeline import Pass, PassResult
 
 # Constants above this many elements are weights: inference needs their type, not their data.
@@ -47,14 +51,39 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
         graph.inputs = original_inputs
 
 
-def _to_gs_shape(value: onnx.ValueInfoProto) -> list | None:
+_RUNS = itertools.count()
+
+
+def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference; None where it cannot handle the graph."""
+    import logging
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # it raises bare exceptions on ops it does not know; ONNX's result stands
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+def _to_gs_shape(value: onnx.ValueInfoProto, run: int) -> list | None:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-        for d in tensor_type.shape.dim
-    ]
+    shape: list = []
+    for d in tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            shape.append(d.dim_value)
+        elif d.dim_param.startswith("unk__"):
+            shape.append(f"{ANONYMOUS_DIM_PREFIX}{run}:{d.dim_param[5:]}")
+        else:
+            shape.append(d.dim_param or None)
+    return shape
 
 
 class InferShapes(Pass):
@@ -71,13 +100,18 @@ class InferShapes(Pass):
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
+        values = [*inferred.graph.value_info, *inferred.graph.output]
+        symbolic = _symbolic_inference(inferred)
+        if symbolic is not None:
+            values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()
         changed = 0
-        for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        run = next(_RUNS)
+        for value in values:
             tensor = tensors.get(value.name)
             if not isinstance(tensor, gs.Variable):
                 continue
-            shape = _to_gs_shape(value)
+            shape = _to_gs_shape(value, run)
             if _known_dims(shape) > _known_dims(tensor.shape) or (
                 tensor.shape is None and shape is not None
             ):

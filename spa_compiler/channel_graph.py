@@ -133,12 +133,16 @@ class ChannelGraph:
     blocked: dict[Space, list[str]] = field(default_factory=lambda: defaultdict(list))
     roles: dict[Space, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     head_spaces: set[Space] = field(default_factory=set)
+    # Shapes of tensors that exist only in the analysis (a reshape's common factors).
+    virtual: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tensors = self.graph.tensors()
 
     # -- facts about tensors ------------------------------------------------------------------
     def shape(self, name: str) -> list[int | str | None] | None:
+        if name in self.virtual:
+            return list(self.virtual[name])
         tensor = self.tensors.get(name)
         if tensor is None or tensor.shape is None:
             return None
@@ -152,7 +156,9 @@ class ChannelGraph:
         return dim if isinstance(dim, int) and dim >= 0 else None
 
     def is_weight(self, name: str) -> bool:
-        return isinstance(self.tensors.get(name), gs.Constant)
+        """Floating-point constants are weights; integer constants are shapes and indices."""
+        tensor = self.tensors.get(name)
+        return isinstance(tensor, gs.Constant) and np.issubdtype(tensor.dtype, np.floating)
 
     # -- building -----------------------------------------------------------------------------
     def add_space(self, space: Space) -> bool:
@@ -256,6 +262,20 @@ class ChannelGraph:
         blocked_roots.update(find(space) for space, reasons in self.blocked.items() if reasons)
         head_roots.update(find(space) for space in self.head_spaces)
 
+        # A factorization whose whole is blocked blocks every factor, whichever is chosen; one
+        # whose whole is an attention-head axis makes its factors head axes (grouped-query
+        # attention merges (kv heads, repeats) into the query heads).
+        changed = True
+        while changed:
+            changed = False
+            for fact in self.factorizations:
+                for flagged in (blocked_roots, head_roots):
+                    if find(fact.whole) in flagged:
+                        for space in fact.factors:
+                            if find(space) not in flagged:
+                                flagged.add(find(space))
+                                changed = True
+
         for fact in self.factorizations:
             candidates = [(i, space) for i, space in enumerate(fact.factors) if fact.sizes[i] > 1]
             if not candidates:
@@ -349,6 +369,8 @@ class ChannelGraph:
             members: list[Member] = []
             for space_id, per_channel in signature:
                 space = spaces[space_id]
+                if space[0] in self.virtual:
+                    continue
                 local_channels = channel_of_label[labels[offsets[space_id] : offsets[space_id + 1]]]
                 atoms = np.flatnonzero(local_channels >= 0)
                 atoms = atoms[np.lexsort((atoms, local_channels[atoms]))]
@@ -367,7 +389,8 @@ class ChannelGraph:
                 for reason in blocked_reasons.get(label, []):
                     if reason not in reasons:
                         reasons.append(reason)
-            groups.append(self._make_group(len(groups), members, reasons))
+            if members:  # groups of analysis-only factors are internal
+                groups.append(self._make_group(len(groups), members, reasons))
         return groups
 
     def _make_group(self, group_id: int, members: list[Member], reasons: list[str]) -> Group:
@@ -382,4 +405,5 @@ class ChannelGraph:
         if prunable and not any(m.is_weight for m in members):
             reasons = ["no weight produces or reads these channels"]
             prunable = False
+
         return Group(group_id, channels, granularity, members, reasons, prunable)

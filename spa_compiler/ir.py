@@ -21,7 +21,17 @@ from onnx import external_data_helper
 from spa_compiler.errors import BadInputError, UnsafeExternalDataError
 
 SUPPORTED_OPSETS = range(11, 22)
-SUPPORTED_IR_VERSIONS = range(7, 11)
+
+# Prefix of dims ONNX shape inference could not name ("unk__N"), renamed per inference run so
+# that equal names always mean equal sizes.
+ANONYMOUS_DIM_PREFIX = "?"
+
+
+def is_anonymous_dim(dim: object) -> bool:
+    return dim is None or (isinstance(dim, str) and dim.startswith(ANONYMOUS_DIM_PREFIX))
+
+
+SUPPORTED_IR_VERSIONS = range(3, onnx.IR_VERSION + 1)
 
 
 @dataclass

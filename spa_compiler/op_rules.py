@@ -460,6 +460,8 @@ def einsum(ctx: RuleContext) -> None:
                     ctx.link(name, axis, other, other_axis)
                 if is_weight:
                     ctx.role(name, axis, CONSUMER)
+                elif not any(weights):
+                    ctx.channels.add_role((name, axis), CONTRACTED, ctx.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +471,13 @@ def einsum(ctx: RuleContext) -> None:
 @rule("BatchNormalization", "InstanceNormalization")
 def per_channel_norm(ctx: RuleContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
-    ctx.same(x, y)
+    if ctx.node.op == "InstanceNormalization":
+        # Statistics are taken over the spatial axes: only N and C are independent.
+        ctx.link(x, 0, y, 0)
+        ctx.link(x, 1, y, 1)
+        _spatial(ctx, [x, y], 2, "normalized over by InstanceNormalization")
+    else:
+        ctx.same(x, y)
     for name in ctx.data_inputs[1:]:
         ctx.link(name, 0, y, 1)
         ctx.role(name, 0, PARAM)
@@ -766,6 +774,8 @@ def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
     """A run-time target is fine if it is a Concat of constants and of single dims read by
     Shape: Shape blocks the axes it reads, so a pruned axis never hides in a run-time part."""
     producer = ctx.node.inputs[index].inputs[0] if ctx.node.inputs[index].inputs else None
+    if producer is not None and producer.op == "Shape":
+        return True  # the whole shape of a tensor: Shape couples its axes to the output's
     if producer is None or producer.op != "Concat":
         return False
     return all(
@@ -780,103 +790,97 @@ def flatten(ctx: RuleContext) -> None:
 
 
 def regroup(ctx: RuleContext, x: str, y: str) -> None:
-    """Map axes between two shapes with the same element order (Reshape, Flatten)."""
+    """Map axes between two shapes with the same element order (Reshape, Flatten).
+
+    Equal leading and trailing dims map one to one. The axes between are refined into their
+    common factors (a virtual tensor): each side's axis is a product of factors, so splits,
+    merges and regroupings (GroupNorm's [N, C, H, W] -> [N, G, C/G*H*W]) are all
+    factorizations. Dims of unknown size in that middle part are blocked.
+    """
     in_shape, out_shape = ctx.shape(x), ctx.shape(y)
     if in_shape is None or out_shape is None:
         ctx.block_all("reshape between shapes spa does not know")
         return
-    blocks = _reshape_blocks(in_shape, out_shape)
-    if blocks is None:
-        ctx.block_all(f"cannot match reshape {in_shape} -> {out_shape}")
-        return
-    for in_axes, out_axes in blocks:
-        in_axes = [a for a in in_axes if in_shape[a] != 1] or in_axes
-        out_axes = [a for a in out_axes if out_shape[a] != 1] or out_axes
-        for a in in_axes:
-            ctx.free(x, a)
-        for a in out_axes:
-            ctx.free(y, a)
-        if len(in_axes) == 1 and len(out_axes) == 1:
-            ctx.link(x, in_axes[0], y, out_axes[0])
-        elif len(in_axes) == 1:
-            ctx.factor((x, in_axes[0]), [(y, a) for a in out_axes])
-        elif len(out_axes) == 1:
-            ctx.factor((y, out_axes[0]), [(x, a) for a in in_axes])
-        else:
-            for a in in_axes:
-                ctx.block(x, a, "reshape regroups several axes into several others")
-            for a in out_axes:
-                ctx.block(y, a, "reshape regroups several axes into several others")
-    # Size-1 axes a block dropped: nothing to prune there.
     for axis, dim in enumerate(in_shape):
         if dim == 1:
             ctx.free(x, axis)
     for axis, dim in enumerate(out_shape):
         if dim == 1:
             ctx.free(y, axis)
+    ins = [(a, d) for a, d in enumerate(in_shape) if d != 1]
+    outs = [(a, d) for a, d in enumerate(out_shape) if d != 1]
+
+    def same(i: int, j: int) -> bool:
+        a, b = ins[i][1], outs[j][1]
+        if a is not None and a == b:
+            return True
+        if isinstance(a, int) or isinstance(b, int):
+            return False
+        # Two different names for unknown sizes are equal when everything else is static and
+        # holds the same number of elements.
+        rest_in = [d for k, (_, d) in enumerate(ins) if k != i % len(ins)]
+        rest_out = [d for k, (_, d) in enumerate(outs) if k != j % len(outs)]
+        static = all(isinstance(d, int) for d in rest_in + rest_out)
+        return static and int(np.prod(rest_in)) == int(np.prod(rest_out))
+
+    while ins and outs and same(0, 0):
+        ctx.link(x, ins.pop(0)[0], y, outs.pop(0)[0])
+    while ins and outs and same(-1, -1):
+        ctx.link(x, ins.pop()[0], y, outs.pop()[0])
+    if not ins and not outs:
+        return
+    refined = _refine([d for _, d in ins], [d for _, d in outs])
+    if refined is None:
+        reason = f"reshape {in_shape} -> {out_shape} mixes axes spa cannot factor"
+        for axis, _ in ins:
+            ctx.block(x, axis, reason)
+        for axis, _ in outs:
+            ctx.block(y, axis, reason)
+        return
+    sizes, in_parts, out_parts = refined
+    virtual = f"{ctx.name}::factors"
+    ctx.channels.virtual[virtual] = sizes
+    for (axis, _), parts in zip(ins, in_parts, strict=True):
+        _attach(ctx, (x, axis), [(virtual, p) for p in parts])
+    for (axis, _), parts in zip(outs, out_parts, strict=True):
+        _attach(ctx, (y, axis), [(virtual, p) for p in parts])
 
 
-def _reshape_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of input axes with runs of output axes that hold the same elements."""
-    blocks: list[tuple[list[int], list[int]]] = []
+def _attach(ctx: RuleContext, whole: tuple[str, int], parts: list[tuple[str, int]]) -> None:
+    if len(parts) == 1:
+        ctx.link(whole[0], whole[1], parts[0][0], parts[0][1])
+    else:
+        ctx.factor(whole, parts)
+
+
+def _refine(
+    in_dims: list, out_dims: list
+) -> tuple[list[int], list[list[int]], list[list[int]]] | None:
+    """Common refinement of two factorizations of the same size, or None if there is none."""
+    if not all(isinstance(d, int) for d in in_dims + out_dims) or not in_dims or not out_dims:
+        return None
+    if int(np.prod(in_dims)) != int(np.prod(out_dims)):
+        return None
+    sizes: list[int] = []
+    in_parts: list[list[int]] = [[] for _ in in_dims]
+    out_parts: list[list[int]] = [[] for _ in out_dims]
     i = j = 0
-    while i < len(in_shape) or j < len(out_shape):
-        if i < len(in_shape) and in_shape[i] == 1:
+    a, b = in_dims[0], out_dims[0]
+    while i < len(in_dims) and j < len(out_dims):
+        step = min(a, b)
+        if max(a, b) % step:
+            return None
+        in_parts[i].append(len(sizes))
+        out_parts[j].append(len(sizes))
+        sizes.append(step)
+        a, b = a // step, b // step
+        if a == 1:
             i += 1
-            continue
-        if j < len(out_shape) and out_shape[j] == 1:
+            a = in_dims[i] if i < len(in_dims) else 1
+        if b == 1:
             j += 1
-            continue
-        if i >= len(in_shape) or j >= len(out_shape):
-            return None
-        a, b = in_shape[i], out_shape[j]
-        if not isinstance(a, int) or not isinstance(b, int):
-            if a == b and a is not None:  # the same symbolic dimension
-                blocks.append(([i], [j]))
-                i, j = i + 1, j + 1
-                continue
-            if (
-                not isinstance(a, int)
-                and not isinstance(b, int)
-                and _lone_unknown(in_shape, out_shape, i, j)
-            ):
-                blocks.append(([i], [j]))
-                i, j = i + 1, j + 1
-                continue
-            return None
-        in_axes, out_axes = [i], [j]
-        i, j = i + 1, j + 1
-        while a != b:
-            if a < b:
-                if i >= len(in_shape) or not isinstance(in_shape[i], int):
-                    return None
-                a *= in_shape[i]
-                in_axes.append(i)
-                i += 1
-            else:
-                if j >= len(out_shape) or not isinstance(out_shape[j], int):
-                    return None
-                b *= out_shape[j]
-                out_axes.append(j)
-                j += 1
-        blocks.append((in_axes, out_axes))
-    return blocks
-
-
-def _lone_unknown(in_shape: list, out_shape: list, i: int, j: int) -> bool:
-    """Two unknown dims pair up when everything after them matches element for element."""
-    rest_in = [d for d in in_shape[i + 1 :] if d != 1]
-    rest_out = [d for d in out_shape[j + 1 :] if d != 1]
-    known = all(isinstance(d, int) for d in rest_in + rest_out)
-    before_in = [d for d in in_shape[:i] if d != 1]
-    before_out = [d for d in out_shape[:j] if d != 1]
-    return (
-        known
-        and int(np.prod(rest_in)) == int(np.prod(rest_out))
-        and len(before_in) == len(before_out)
-        and all(isinstance(d, int) for d in before_in + before_out)
-        and int(np.prod(before_in)) == int(np.prod(before_out))
-    )
+            b = out_dims[j] if j < len(out_dims) else 1
+    return sizes, in_parts, out_parts
 
 
 @rule("Transpose")
@@ -1016,6 +1020,9 @@ def trilu(ctx: RuleContext) -> None:
 
 @rule("Shape", "Size")
 def shape_reader(ctx: RuleContext) -> None:
+    """A size read at run time is fine where it only becomes the same-position dim of a
+    Reshape or Expand target: after pruning it reads the new size, so the two axes are
+    coupled (linked). Any other use blocks the axes read."""
     x = ctx.input(0)
     rank = ctx.rank(x) or 0
     for name in ctx.outputs:
@@ -1024,39 +1031,146 @@ def shape_reader(ctx: RuleContext) -> None:
         ctx.block_tensor(x, "its size is read by Size")
         return
     start = normalize_axis(int(ctx.attr("start", 0)), rank)
-    end = int(ctx.attr("end", rank))
-    end = max(0, min(rank, normalize_axis(end, rank)))
-    read = set(range(start, end))
+    end = max(0, min(rank, normalize_axis(int(ctx.attr("end", rank)), rank)))
     graph_outputs = {t.name for t in ctx.channels.graph.outputs}
-    narrowed = None if ctx.output(0) in graph_outputs else _axes_read_through(ctx.node, start)
-    if narrowed is not None:
-        read &= narrowed
+    couplings = None
+    if ctx.output(0) not in graph_outputs:
+        couplings = _shape_couplings(ctx.node.outputs[0], list(range(start, end)))
+    if couplings is None:
+        for axis in range(rank):
+            if start <= axis < end:
+                ctx.block(x, axis, "its size is read by a Shape computation")
+            else:
+                ctx.free(x, axis)
+        return
     for axis in range(rank):
-        if axis in read:
-            ctx.block(x, axis, "its size is read by a Shape computation")
+        ctx.free(x, axis)
+    for axis, target, target_axis, scale in couplings:
+        size, target_size = ctx.dim(x, axis), ctx.dim(target, target_axis)
+        if scale == 1 or size is None:
+            ctx.link(x, axis, target, target_axis)
+        elif target_size == size * scale:
+            # Size read, multiplied by a constant (repeat_kv's kv_heads * n_rep): channel i
+            # owns a block of ``scale`` positions of the target axis.
+            ctx.link(
+                x,
+                axis,
+                target,
+                target_axis,
+                np.repeat(np.arange(size), scale),
+                np.arange(size * scale),
+            )
         else:
-            ctx.free(x, axis)
+            ctx.block(x, axis, "its size is read and scaled into an unrelated shape")
 
 
-def _axes_read_through(node: gs.Node, start: int) -> set[int] | None:
-    """Axes whose sizes actually leave Shape, when every consumer picks constant indices."""
-    read: set[int] = set()
-    if not node.outputs[0].outputs:
-        return None
-    for consumer in node.outputs[0].outputs:
+Coupling = tuple[int, str, int, int]  # axis read, tensor, its axis, scale
+
+
+def _shape_couplings(shape: gs.Tensor, axes: list[int]) -> list[Coupling] | None:
+    """(axis read, tensor, axis) pairs whose sizes must stay equal; None if a use is unclear."""
+    couplings: list[Coupling] = []
+    for consumer in shape.outputs:
         if consumer.op == "Gather" and isinstance(consumer.inputs[1], gs.Constant):
-            read.update(start + int(i) for i in np.asarray(consumer.inputs[1].values).reshape(-1))
+            picked = [axes[int(i)] for i in np.asarray(consumer.inputs[1].values).reshape(-1)]
+            part = consumer.outputs[0]
+            scalar = np.asarray(consumer.inputs[1].values).ndim == 0
         elif (
             consumer.op == "Slice"
-            and all(isinstance(t, gs.Constant) for t in consumer.inputs[1:3])
-            and len(consumer.inputs) <= 4
+            and len(consumer.inputs) in (3, 4)
+            and all(isinstance(t, gs.Constant) for t in consumer.inputs[1:])
         ):
             begin = int(np.asarray(consumer.inputs[1].values).reshape(-1)[0])
             stop = int(np.asarray(consumer.inputs[2].values).reshape(-1)[0])
-            read.update(start + i for i in range(begin, max(begin, min(stop, 64))))
+            picked = axes[begin:stop]
+            part, scalar = consumer.outputs[0], False
+        elif consumer.op in ("Reshape", "Expand") and consumer.inputs[1] is shape:
+            found = _target_positions(consumer, axes, 0, 1)
+            if found is None:
+                return None
+            couplings.extend(found)
+            continue
         else:
             return None
-    return read
+        found = _through_parts(part, picked, scalar, 1)
+        if found is None:
+            return None
+        couplings.extend(found)
+    return couplings
+
+
+def _through_parts(
+    part: gs.Tensor, picked: list[int], scalar: bool, scale: int
+) -> list[Coupling] | None:
+    couplings: list[Coupling] = []
+    for user in part.outputs:
+        factor = _constant_factor(user, part) if scalar else None
+        if scalar and user.op == "Unsqueeze":
+            found = _through_parts(user.outputs[0], picked, False, scale)
+        elif factor is not None:
+            found = _through_parts(user.outputs[0], picked, True, scale * factor)
+        elif not scalar and user.op == "Concat":
+            offset = 0
+            for piece in user.inputs:
+                if piece is part:
+                    break
+                if piece.shape is None or not isinstance(piece.shape[0], int):
+                    return None
+                offset += piece.shape[0]
+            found = _shape_vector_targets(user.outputs[0], picked, offset, scale)
+        else:
+            return None
+        if found is None:
+            return None
+        couplings.extend(found)
+    return couplings
+
+
+def _constant_factor(node: gs.Node, operand: gs.Tensor) -> int | None:
+    """The integer a Mul node multiplies ``operand`` by, if it is a positive constant."""
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is operand else node.inputs[0]
+    if not isinstance(other, gs.Constant) or np.asarray(other.values).size != 1:
+        return None
+    value = np.asarray(other.values).reshape(-1)[0]
+    if not np.issubdtype(np.asarray(value).dtype, np.integer) or value < 1:
+        return None
+    return int(value)
+
+
+def _shape_vector_targets(
+    vector: gs.Tensor, picked: list[int], offset: int, scale: int
+) -> list[Coupling] | None:
+    """Follow a 1-D shape vector to the Reshape/Expand targets it becomes. torch's legacy
+    expand export passes it through Where(Equal(v, -1), ones, v), which keeps real sizes."""
+    found: list[Coupling] = []
+    for user in vector.outputs:
+        if user.op in ("Reshape", "Expand") and user.inputs[1] is vector:
+            more = _target_positions(user, picked, offset, scale)
+        elif user.op == "Equal":
+            continue  # only decides where -1 placeholders are
+        elif user.op == "Where" and user.inputs[2] is vector:
+            more = _shape_vector_targets(user.outputs[0], picked, offset, scale)
+        else:
+            return None
+        if more is None:
+            return None
+        found.extend(more)
+    return found
+
+
+def _target_positions(
+    node: gs.Node, picked: list[int], offset: int, scale: int
+) -> list[Coupling] | None:
+    output = node.outputs[0]
+    if output.shape is None or node.inputs[1].shape is None:
+        return None
+    target_length = node.inputs[1].shape[0]
+    if not isinstance(target_length, int):
+        return None
+    shift = len(output.shape) - target_length  # Expand aligns its target to the right
+    return [(axis, output.name, offset + k + shift, scale) for k, axis in enumerate(picked)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -242,11 +242,12 @@ def test_attention_heads_and_head_dim():
     assert names(heads.sources) == {("wq", 1), ("wk", 1), ("wv", 1)}
     assert names(heads.consumers) == {("wo", 0)}
     assert check_groups(model, analysis) == 1
-    _, by_dim = analyze(b, heads="dim")
+    model, by_dim = analyze(b, heads="dim")
     qk = group_of(by_dim, "wq", 1)
     vo = group_of(by_dim, "wv", 1)
     assert qk is not vo and qk.channels == 4 and vo.channels == 4
     assert names(vo.consumers) == {("wo", 0)} and not qk.consumers
+    assert check_groups(model, by_dim) == 2
 
 
 def test_softmax_layernorm_and_reduce_block_their_axes():

@@ -1,0 +1,46 @@
+"""Session-wide cache of exported corpus models, shared by every test file."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Intentionally empty: markers and options are owned by pyproject.toml."""
+
+
+@pytest.fixture(scope="session")
+def exported_model(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str, str], pathlib.Path]:
+    """Factory ``(arch_name, exporter) -> .onnx path``; each pair is exported once per session.
+
+    Skips the calling test when the pair is unsupported; a failed export is cached and re-raised
+    so later callers do not pay for it again.
+    """
+    # Imported here so test files that never export do not pay for importing torch.
+    from architectures import ARCHITECTURES, export, unsupported_reason
+
+    cache: dict[tuple[str, str], pathlib.Path | BaseException] = {}
+
+    def get(arch_name: str, exporter: str) -> pathlib.Path:
+        arch = ARCHITECTURES[arch_name]
+        reason = unsupported_reason(arch, exporter)
+        if reason is not None:
+            pytest.skip(reason)
+        key = (arch_name, exporter)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch_name}-{exporter}", numbered=True)
+            try:
+                cache[key] = export(arch, exporter, folder / f"{arch_name}.onnx")
+            except Exception as exc:
+                cache[key] = exc
+        hit = cache[key]
+        if isinstance(hit, BaseException):
+            raise hit
+        return hit
+
+    return get
