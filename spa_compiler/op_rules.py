@@ -9,6 +9,7 @@ block all their axes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -829,6 +830,19 @@ def regroup(ctx: RuleContext, x: str, y: str) -> None:
         ctx.link(x, ins.pop()[0], y, outs.pop()[0])
     if not ins and not outs:
         return
+    # Leading runs that merge a dim of unknown size (B*S for a Gemm): equal symbolic products,
+    # never prunable (they hold the batch), so block them and factor the rest.
+    prefix = _symbolic_prefix([d for _, d in ins], [d for _, d in outs])
+    if prefix is not None:
+        count_in, count_out = prefix
+        reason = "merged with a dimension of unknown size"
+        for axis, _ in ins[:count_in]:
+            ctx.block(x, axis, reason)
+        for axis, _ in outs[:count_out]:
+            ctx.block(y, axis, reason)
+        ins, outs = ins[count_in:], outs[count_out:]
+        if not ins and not outs:
+            return
     refined = _refine([d for _, d in ins], [d for _, d in outs])
     if refined is None:
         reason = f"reshape {in_shape} -> {out_shape} mixes axes spa cannot factor"
@@ -844,6 +858,40 @@ def regroup(ctx: RuleContext, x: str, y: str) -> None:
         _attach(ctx, (x, axis), [(virtual, p) for p in parts])
     for (axis, _), parts in zip(outs, out_parts, strict=True):
         _attach(ctx, (y, axis), [(virtual, p) for p in parts])
+
+
+def _symbolic_prefix(in_dims: list, out_dims: list) -> tuple[int, int] | None:
+    """Shortest leading runs with equal products that contain a symbolic dim, if any."""
+    if all(isinstance(d, int) for d in in_dims[:1] + out_dims[:1]):
+        return None
+    import sympy
+
+    def symbol(dim: str) -> sympy.Expr:
+        # onnxruntime writes merged dims as products ("8*batch"); other names are opaque.
+        parts = dim.split("*")
+        if len(parts) > 1 and all(re.fullmatch(r"[0-9]+|[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+            return sympy.Mul(
+                *(sympy.Integer(int(p)) if p.isdigit() else sympy.Symbol(p) for p in parts)
+            )
+        return sympy.Symbol(dim)
+
+    def product(dims: list) -> sympy.Expr | None:
+        total = sympy.Integer(1)
+        for d in dims:
+            if d is None:
+                return None
+            total *= sympy.Integer(d) if isinstance(d, int) else symbol(d)
+        return total
+
+    for size in range(2, len(in_dims) + len(out_dims) + 1):
+        for count_in in range(1, min(size, len(in_dims) + 1)):
+            count_out = size - count_in
+            if not 1 <= count_out <= len(out_dims):
+                continue
+            left, right = product(in_dims[:count_in]), product(out_dims[:count_out])
+            if left is not None and right is not None and sympy.simplify(left - right) == 0:
+                return count_in, count_out
+    return None
 
 
 def _attach(ctx: RuleContext, whole: tuple[str, int], parts: list[tuple[str, int]]) -> None:
