@@ -135,7 +135,7 @@ def test_corpus_analysis(exported_model, arch, exporter):
         assert word in reasons, f"{word!r} not among the blocked reasons"
     if (arch, exporter) in (("llama", "legacy13"), ("llama", "legacy17")):
         assert "read by a Shape computation" in reasons
-    if arch == "torch_transformer_decoder" or (arch, exporter) in OVERRIDES and "sdpa" in arch:
+    if arch == "torch_transformer_decoder" or ((arch, exporter) in OVERRIDES and "sdpa" in arch):
         # nn.MultiheadAttention folds heads into the batch dim: heads blocked, with reason
         assert "mixes axes spa cannot factor" in reasons
     for group in analysis.prunable:
