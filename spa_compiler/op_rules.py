@@ -1198,7 +1198,12 @@ def _shape_vector_targets(
             more = _target_positions(user, picked, offset, scale)
         elif user.op == "Equal":
             continue  # only decides where -1 placeholders are
-        elif user.op == "Where" and user.inputs[2] is vector:
+        elif (user.op == "Where" and user.inputs[2] is vector) or (
+            user.op == "Reshape"  # a reshape of the vector to its own length
+            and user.inputs[0] is vector
+            and user.outputs[0].shape is not None
+            and list(user.outputs[0].shape) == list(vector.shape or [])
+        ):
             more = _shape_vector_targets(user.outputs[0], picked, offset, scale)
         else:
             return None

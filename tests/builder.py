@@ -16,6 +16,7 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.count = 0
+        self.ranks: dict[str, int] = {}
 
     def input(self, name: str, shape: list, dtype: int = TensorProto.FLOAT) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
@@ -57,8 +58,16 @@ class GraphBuilder:
             inputs.append(self.weight(f"{node_name}.bias", [c_out]))
         return self.op("Conv", inputs, name=node_name, pads=[k // 2] * 4, group=group)
 
-    def output(self, name: str, dtype: int = TensorProto.FLOAT, shape: list | None = None) -> None:
+    def output(
+        self,
+        name: str,
+        dtype: int = TensorProto.FLOAT,
+        shape: list | None = None,
+        rank: int | None = None,
+    ) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        if rank is not None:
+            self.ranks[name] = rank
 
     def model(self, ir_version: int = 8) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
@@ -71,5 +80,11 @@ class GraphBuilder:
             for value in [*inferred.graph.value_info, *inferred.graph.output]:
                 if value.name == output.name and value.type.tensor_type.HasField("shape"):
                     output.type.CopyFrom(value.type)
+            if not output.type.tensor_type.HasField("shape") and output.name in self.ranks:
+                # ONNX cannot infer through some function ops (Mish): declare the rank only.
+                dims = [f"{output.name}_d{i}" for i in range(self.ranks[output.name])]
+                output.type.CopyFrom(
+                    helper.make_tensor_type_proto(output.type.tensor_type.elem_type, dims)
+                )
         onnx.checker.check_model(model)
         return model

@@ -71,10 +71,6 @@ PRUNABLE: dict[str, list[int]] = {
 }
 
 OVERRIDES: dict[tuple[str, str], list[int]] = {
-    # The legacy exporter computes repeat_kv's target from Shape through Mul/Where chains
-    # that also feed rotary slicing; spa blocks the heads there (reason asserted below).
-    ("llama", "legacy13"): [64, 64],
-    ("llama", "legacy17"): [64, 64],
     # dynamo shares one ones/zeros InstanceNormalization parameter pair between the three
     # GroupNorms: a shared parameter must be pruned alike, so both groups merge into one.
     ("groupnorm_cnn", "dynamo"): [4],
@@ -130,11 +126,7 @@ def test_corpus_analysis(exported_model, arch, exporter):
         assert wide == GRANULARITY[arch]
     reasons = " | ".join(r for g in analysis.blocked for r in g.blocked_reasons)
     for word in REASONS.get(arch, []):
-        if arch == "llama" and exporter == "dynamo" and word != "RMSNorm pattern":
-            continue
         assert word in reasons, f"{word!r} not among the blocked reasons"
-    if (arch, exporter) in (("llama", "legacy13"), ("llama", "legacy17")):
-        assert "read by a Shape computation" in reasons
     if arch == "torch_transformer_decoder" or ((arch, exporter) in OVERRIDES and "sdpa" in arch):
         # nn.MultiheadAttention folds heads into the batch dim: heads blocked, with reason
         assert "mixes axes spa cannot factor" in reasons
