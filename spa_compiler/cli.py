@@ -69,7 +69,9 @@ def inspect(model: str, as_json: bool, show_all: bool, heads: str) -> None:
         return
     rows = []
     for group in analysis.groups:
-        if not show_all and not group.prunable and not group.weight_members:
+        # By default: groups whose channels a weight produces or reads (the ones a user can
+        # act on); kernel and spatial axes and pure shape tensors only with --all.
+        if not show_all and not (group.prunable or group.sources or group.consumers):
             continue
         if not show_all and not group.prunable and group.channels < 2:
             continue
