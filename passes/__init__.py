@@ -4,5 +4,16 @@ from spa_compiler.passes.analyze_channels import AnalyzeChannels
 from spa_compiler.passes.complete_shapes import CompleteShapes
 from spa_compiler.passes.fold_constants import FoldConstants
 from spa_compiler.passes.infer_shapes import InferShapes
+from spa_compiler.passes.prune_channels import PruneChannels
+from spa_compiler.passes.select_channels import SelectChannels
+from spa_compiler.passes.validate_model import ValidateModel
 
-__all__ = ["AnalyzeChannels", "CompleteShapes", "FoldConstants", "InferShapes"]
+__all__ = [
+    "AnalyzeChannels",
+    "CompleteShapes",
+    "FoldConstants",
+    "InferShapes",
+    "PruneChannels",
+    "SelectChannels",
+    "ValidateModel",
+]

@@ -21,6 +21,7 @@ __all__ = [
     "Member",
     "Model",
     "SpaError",
+    "compile",
     "from_proto",
     "inspect",
     "load",
@@ -46,6 +47,13 @@ def prepare(model: Model) -> Model:
 def load(path: str | os.PathLike[str]) -> Model:
     """Load an .onnx file safely and prepare it for analysis."""
     return prepare(load_model(path))
+
+
+def compile(model, **options):
+    """Prune a model structurally; see ``spa_compiler.compiler.compile``."""
+    from spa_compiler.compiler import compile as compile_model
+
+    return compile_model(model, **options)
 
 
 def from_proto(proto: onnx.ModelProto) -> Model:

@@ -21,6 +21,7 @@ class Analysis:
     weight_sizes: dict[str, int]
     seconds: float
     op_counts: dict[str, int] = field(default_factory=dict)
+    heads: str = "head"
 
     @property
     def prunable(self) -> list[Group]:
@@ -110,4 +111,4 @@ def analyze(model: Model, heads: str = "head") -> Analysis:
     op_counts: dict[str, int] = {}
     for node in model.graph.nodes:
         op_counts[node.op] = op_counts.get(node.op, 0) + 1
-    return Analysis(groups, channels, weight_sizes(model.graph), seconds, op_counts)
+    return Analysis(groups, channels, weight_sizes(model.graph), seconds, op_counts, heads)

@@ -99,10 +99,141 @@ def inspect(model: str, as_json: bool, show_all: bool, heads: str) -> None:
     )
 
 
+EXIT_NOTHING_TO_PRUNE = 3
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the pruned model (written atomically).",
+)
+@click.option(
+    "--ratio",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.3,
+    show_default=True,
+    help="Fraction of the channels of every prunable group to remove.",
+)
+@click.option(
+    "--criterion",
+    type=click.Choice(["l1", "l2", "random", "bn-scale"]),
+    default="l1",
+    show_default=True,
+    help="Channel importance criterion.",
+)
+@click.option(
+    "--aggregate",
+    type=click.Choice(["sum", "mean", "max"]),
+    default="sum",
+    show_default=True,
+    help="How a group's member scores combine.",
+)
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Keep channel counts multiples of N where possible.",
+)
+@click.option(
+    "--heads",
+    type=click.Choice(["head", "dim"]),
+    default="head",
+    show_default=True,
+    help="Attention: remove whole heads, or shrink the head dimension.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Protect groups touching tensors or nodes matching this glob (repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Apply a saved plan instead of selecting channels.",
+)
+@click.option(
+    "--save-plan",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Write the plan (kept channels of every group) as JSON.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Write the report as JSON.",
+)
+@click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
+def compile_command(
+    model: str,
+    output: str,
+    ratio: float,
+    criterion: str,
+    aggregate: str,
+    round_to: int,
+    heads: str,
+    exclude: tuple[str, ...],
+    seed: int,
+    plan_path: str | None,
+    save_plan: str | None,
+    report_path: str | None,
+    force: bool,
+) -> None:
+    """Prune MODEL structurally and write a valid, smaller ONNX model to OUTPUT."""
+    import pathlib
+
+    from spa_compiler.compiler import compile as compile_model
+    from spa_compiler.errors import BadInputError
+    from spa_compiler.io import write_atomic
+    from spa_compiler.plan import Plan
+
+    source, target = pathlib.Path(model), pathlib.Path(output)
+    if target.exists() and source.exists() and target.resolve() == source.resolve() and not force:
+        raise BadInputError(f"{output}: is the input model; choose another output or --force")
+    plan = Plan.load(plan_path) if plan_path else None
+    proto, report = compile_model(
+        model,
+        ratio=ratio,
+        criterion=criterion,
+        aggregation=aggregate,
+        round_to=round_to,
+        exclude=exclude,
+        heads=heads,
+        seed=seed,
+        plan=plan,
+    )
+    data = proto.SerializeToString()
+    if len(data) >= 2**31:
+        raise BadInputError(
+            "the pruned model is over 2 GB; external-data output is not yet supported"
+        )
+    write_atomic(target, data)
+    if save_plan:
+        report.plan.save(save_plan)
+    if report_path:
+        text = json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n"
+        write_atomic(pathlib.Path(report_path), text.encode())
+    click.echo(report.summary())
+    click.echo(f"wrote {output}")
+    for warning in report.warnings:
+        click.echo(f"spa: warning: {warning}", err=True)
+    if report.groups_prunable == 0:
+        raise click.exceptions.Exit(EXIT_NOTHING_TO_PRUNE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="spa", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="spa", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
     except click.exceptions.Abort:
         click.echo("spa: aborted", err=True)
         return EXIT_FAILURE

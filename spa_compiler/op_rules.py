@@ -774,15 +774,36 @@ def reshape(ctx: RuleContext) -> None:
 def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
     """A run-time target is fine if it is a Concat of constants and of single dims read by
     Shape: Shape blocks the axes it reads, so a pruned axis never hides in a run-time part."""
-    producer = ctx.node.inputs[index].inputs[0] if ctx.node.inputs[index].inputs else None
+    tensor = ctx.node.inputs[index]
+    producer = tensor.inputs[0] if tensor.inputs else None
     if producer is not None and producer.op == "Shape":
         return True  # the whole shape of a tensor: Shape couples its axes to the output's
-    if producer is None or producer.op != "Concat":
+    producer = concat_behind(tensor)
+    if producer is None:
         return False
     return all(
         isinstance(part, gs.Constant) or (part.shape is not None and len(part.shape) == 1)
         for part in producer.inputs
     )
+
+
+def concat_behind(vector: gs.Tensor) -> gs.Node | None:
+    """The Concat that builds a 1-D shape vector, looking through the position-keeping ops
+    torch's legacy expand export puts after it: Where(Equal(v, -1), ones, v) and a Reshape of
+    the vector to its own length."""
+    for _ in range(4):
+        node = vector.inputs[0] if vector.inputs else None
+        if node is None:
+            return None
+        if node.op == "Concat":
+            return node
+        if node.op == "Where" and len(node.inputs) == 3:
+            vector = node.inputs[2]
+        elif node.op == "Reshape" and node.inputs[0].shape == vector.shape:
+            vector = node.inputs[0]
+        else:
+            return None
+    return None
 
 
 @rule("Flatten")
@@ -974,6 +995,10 @@ def expand(ctx: RuleContext) -> None:
     ctx.block_tensor(ctx.input(1), "target shape operand")
     x_shape, y_shape = ctx.shape(x) or [], ctx.shape(y) or []
     static_target = ctx.const(1) is not None
+    if not static_target and not _shape_from_parts(ctx, 1):
+        # The target holds every output size; spa can only rewrite constants it can find.
+        ctx.block_all("Expand target computed at run time in a form spa cannot rewrite")
+        return
     offset = len(y_shape) - len(x_shape)
     for axis in range(len(y_shape)):
         in_axis = axis - offset

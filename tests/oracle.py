@@ -166,3 +166,42 @@ def check_groups(model: Model, analysis: Analysis, limit: int = 8, tolerance: fl
             f"relative output change {error:.3g}"
         )
     return len(groups)
+
+
+def compile_check(source, ratio: float, seed: int, **options) -> float:
+    """Exactness of a compile: the pruned model against the original with the consumer
+    weights of every removed channel zeroed, on the same random inputs (relative error)."""
+    import spa_compiler
+    from spa_compiler.plan import check_plan_matches
+
+    prepared = (
+        spa_compiler.load(source)
+        if not isinstance(source, onnx.ModelProto)
+        else (spa_compiler.from_proto(source))
+    )
+    pruned, report = spa_compiler.compile(
+        source, ratio=ratio, seed=seed, criterion=options.pop("criterion", "random"), **options
+    )
+    analysis = spa_compiler.inspect(prepared, heads=report.plan.heads)
+    groups = check_plan_matches(report.plan, analysis)
+    zeroed = prepared.to_onnx()
+    values = _values(zeroed)
+    for planned in report.plan.groups:
+        removed = planned.removed
+        if not removed:
+            continue
+        for member in groups[planned.group].members:
+            if member.is_weight and any(r == CONSUMER for r, _ in member.roles):
+                array = values[member.tensor]
+                array[_index(array, member.axis, member.indices[removed].reshape(-1))] = 0
+                _set(zeroed, member.tensor, array)
+    feeds = random_feeds(zeroed, seed)
+    worst = 0.0
+    for a, b in zip(run(zeroed, feeds), run(pruned, feeds), strict=True):
+        assert np.shape(a) == np.shape(b)
+        if not np.issubdtype(np.asarray(a).dtype, np.floating):
+            worst = max(worst, float(np.any(a != b)))
+            continue
+        scale = max(1e-6, float(np.max(np.abs(a))) if a.size else 1.0)
+        worst = max(worst, float(np.max(np.abs(a - b))) / scale if a.size else 0.0)
+    return worst

@@ -1,0 +1,220 @@
+"""``spa_compiler.compile``: load -> analyze -> score -> select (plan) -> rewrite -> cleanup ->
+validate, as a list of passes; saving is the caller's (or the CLI's) step."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spa_compiler import flops
+from spa_compiler.analysis import Analysis, weight_sizes
+from spa_compiler.errors import BadInputError, PassError
+from spa_compiler.ir import Model, is_anonymous_dim, model_from_proto, read_model_proto
+from spa_compiler.pipeline import run_passes
+from spa_compiler.plan import Plan, check_plan_matches
+
+
+@dataclass
+class Report:
+    """What a compile did, for people (``summary``) and machines (``to_json``)."""
+
+    before: dict[str, Any]
+    after: dict[str, Any]
+    groups_pruned: int
+    groups_prunable: int
+    groups_blocked: int
+    seconds: float
+    passes: list[tuple[str, float]]
+    plan: Plan
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "before": self.before,
+            "after": self.after,
+            "groups_pruned": self.groups_pruned,
+            "groups_prunable": self.groups_prunable,
+            "groups_blocked": self.groups_blocked,
+            "seconds": round(self.seconds, 4),
+            "passes": [{"name": n, "seconds": round(s, 4)} for n, s in self.passes],
+            "groups": self.groups,
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> str:
+        def line(label: str, key: str) -> str:
+            old, new = self.before[key], self.after[key]
+            ratio = f"{new / old:.3f}x" if old else "-"
+            return f"  {label:<12} {old:>14,} -> {new:>14,}  ({ratio})"
+
+        lines = [
+            "spa compile",
+            line("parameters", "parameters"),
+            line("MACs", "macs"),
+            line("bytes", "bytes"),
+            f"  groups       {self.groups_pruned} pruned of {self.groups_prunable} prunable, "
+            f"{self.groups_blocked} blocked",
+        ]
+        ops = sorted(set(self.before["macs_by_op"]) | set(self.after["macs_by_op"]))
+        for op in ops:
+            old, new = self.before["macs_by_op"].get(op, 0), self.after["macs_by_op"].get(op, 0)
+            lines.append(f"    {op:<10} MACs {old:>14,} -> {new:>14,}")
+        lines.append(f"  time         {self.seconds:.2f} s")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def measure(graph: gs.Graph) -> dict[str, Any]:
+    sizes = weight_sizes(graph)
+    counted = flops.count(graph)
+    nbytes = sum(
+        int(np.asarray(t.values).nbytes)
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Constant)
+    )
+    return {
+        "parameters": sum(sizes.values()),
+        "macs": counted["macs"],
+        "macs_by_op": counted["macs_by_op"],
+        "bytes": nbytes,
+        "nodes": len(graph.nodes),
+        "ops": dict(Counter(node.op for node in graph.nodes)),
+    }
+
+
+def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The rewritten graph as a ModelProto with the original's opsets, IR and metadata."""
+    graph = model.graph
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.shape is not None:
+            tensor.shape = [None if is_anonymous_dim(d) else d for d in tensor.shape]
+    proto = gs.export_onnx(graph, do_type_check=False)
+    del proto.graph.value_info[:]
+    proto.ir_version = original.ir_version
+    del proto.opset_import[:]
+    proto.opset_import.extend(original.opset_import)
+    proto.producer_name = original.producer_name or "spa"
+    proto.producer_version = original.producer_version
+    proto.domain, proto.model_version = original.domain, original.model_version
+    proto.doc_string = original.doc_string
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(original.metadata_props)
+    return proto
+
+
+def _load(model: Model | onnx.ModelProto | str | os.PathLike[str]) -> tuple[Model, onnx.ModelProto]:
+    import spa_compiler
+
+    if isinstance(model, Model):
+        raise BadInputError("compile takes a path or an onnx.ModelProto (the original model)")
+    if isinstance(model, onnx.ModelProto):
+        original = model
+        loaded = spa_compiler.prepare(model_from_proto(_copy(model)))
+    else:
+        original = read_model_proto(model)
+        loaded = spa_compiler.prepare(model_from_proto(_copy(original), None))
+    return loaded, original
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    duplicate = onnx.ModelProto()
+    duplicate.CopyFrom(proto)
+    return duplicate
+
+
+def compile(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    ratio: float = 0.3,
+    criterion: str = "l1",
+    aggregation: str = "sum",
+    round_to: int = 1,
+    exclude: Sequence[str] = (),
+    heads: str = "head",
+    seed: int = 0,
+    plan: Plan | None = None,
+    validate: bool = True,
+) -> tuple[onnx.ModelProto, Report]:
+    """Prune ``model`` structurally; return the pruned ModelProto and a Report.
+
+    ``ratio`` removes that fraction of the channels of every prunable group (whole heads for
+    attention unless ``heads="dim"``); ``plan`` applies a saved plan instead.
+    """
+    from spa_compiler.passes import (
+        AnalyzeChannels,
+        CompleteShapes,
+        InferShapes,
+        PruneChannels,
+        SelectChannels,
+        ValidateModel,
+    )
+
+    started = time.perf_counter()
+    loaded, original = _load(model)
+    before = measure(loaded.graph)
+    timings: list[tuple[str, float]] = []
+
+    analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
+    timings += [(name, seconds) for name, _, seconds in analyzed.results]
+    analysis: Analysis = analyzed.results[-1][1].details["analysis"]
+    if plan is None:
+        selected = run_passes(
+            loaded,
+            [SelectChannels(analysis, ratio, criterion, aggregation, round_to, exclude, seed)],
+        )
+        timings += [(name, seconds) for name, _, seconds in selected.results]
+        plan = selected.results[-1][1].details["plan"]
+    matched = check_plan_matches(plan, analysis)
+
+    rewrite = [PruneChannels(plan, matched), InferShapes(), CompleteShapes(), InferShapes()]
+    rewritten = run_passes(loaded, rewrite)
+    timings += [(name, seconds) for name, _, seconds in rewritten.results]
+    after = measure(rewritten.model.graph)
+    proto = export(rewritten.model, original)
+    if validate:
+        checked = run_passes(rewritten.model, [ValidateModel(proto, original)])
+        timings += [(name, seconds) for name, _, seconds in checked.results]
+
+    warnings = []
+    if not analysis.prunable:
+        reasons = Counter(
+            r.split(": ", 2)[-1]
+            for g in analysis.blocked
+            for r in g.blocked_reasons
+            if g.weight_members and g.channels > 1
+        )
+        common = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no weights"
+        warnings.append(f"no prunable group: the model is unchanged ({common})")
+    report = Report(
+        before=before,
+        after=after,
+        groups_pruned=sum(1 for g in plan.groups if g.removed),
+        groups_prunable=len(analysis.prunable),
+        groups_blocked=len(analysis.blocked),
+        seconds=time.perf_counter() - started,
+        passes=timings,
+        plan=plan,
+        groups=[
+            {
+                "group": g.group,
+                "channels": g.channels,
+                "kept": len(g.keep),
+                "members": [f"{m['tensor']}[{m['axis']}]" for m in g.members],
+            }
+            for g in plan.groups
+        ],
+        warnings=warnings,
+    )
+    return proto, report
+
+
+__all__ = ["PassError", "Report", "compile", "export", "measure"]

@@ -1,0 +1,164 @@
+"""spa compile: exactness over the corpus, plans, options, determinism and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from architectures import ARCHITECTURES
+from oracle import compile_check, random_feeds, run
+
+import spa_compiler
+from spa_compiler.plan import Plan
+
+MODELS = "models"
+
+# Random plans (criterion "random", seeded): ratio 0.6, and 0.95, which leaves single channels.
+CASES = [(arch, "legacy17", 0.6, 0) for arch in ARCHITECTURES]
+CASES += [(arch, "dynamo", 0.95, 1) for arch in ARCHITECTURES]
+
+
+@pytest.mark.parametrize(
+    ("arch", "exporter", "ratio", "seed"), CASES, ids=[f"{a}-{e}-{r}" for a, e, r, _ in CASES]
+)
+def test_compile_is_exact_on_the_corpus(exported_model, arch, exporter, ratio, seed):
+    path = exported_model(arch, exporter)
+    assert compile_check(path, ratio, seed) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "bert_tiny", "mobilenet_tiny"])
+def test_ratio_zero_reproduces_the_original(name):
+    path = f"{MODELS}/{name}.onnx"
+    pruned, report = spa_compiler.compile(path, ratio=0.0)
+    original = onnx.load(path)
+    feeds = random_feeds(original, seed=3)
+    for a, b in zip(run(original, feeds), run(pruned, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert report.after["parameters"] == report.before["parameters"]
+
+
+def test_pruning_shrinks_and_rounds():
+    pruned, report = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.5, round_to=8)
+    assert report.after["parameters"] < report.before["parameters"]
+    assert report.after["macs"] < report.before["macs"]
+    for planned in report.plan.groups:
+        # resnet_tiny's groups have 8, 16 and 32 channels: multiples of 8 stay multiples of 8
+        assert len(planned.keep) % 8 == 0
+    weights = {t.name: t for t in pruned.graph.initializer}
+    assert all(w.dims[0] % 8 == 0 for w in weights.values() if len(w.dims) == 4 and w.dims[0] > 3)
+
+
+def test_every_group_keeps_a_channel_at_high_ratio():
+    _, report = spa_compiler.compile(f"{MODELS}/mobilenet_tiny.onnx", ratio=0.99)
+    assert all(len(g.keep) >= 1 for g in report.plan.groups)
+
+
+def test_heads_are_removed_whole():
+    _, report = spa_compiler.compile(f"{MODELS}/bert_tiny.onnx", ratio=0.5)
+    head_groups = [g for g in report.plan.groups if g.channels == 4]
+    assert head_groups and all(len(g.keep) == 2 for g in head_groups)
+
+
+def test_exclude_protects_groups():
+    _, report = spa_compiler.compile(
+        f"{MODELS}/bert_tiny.onnx", ratio=0.5, exclude=["*intermediate*"]
+    )
+    kept_whole = [g for g in report.plan.groups if g.channels == 64]
+    assert kept_whole and all(len(g.keep) == 64 for g in kept_whole)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "bn-scale"])
+def test_criteria_give_valid_models(criterion):
+    pruned, _ = spa_compiler.compile(
+        f"{MODELS}/mobilenet_tiny.onnx", ratio=0.4, criterion=criterion
+    )
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+def test_l1_keeps_the_largest_channels():
+    _, report = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.5, criterion="l1")
+    for planned in report.plan.groups:
+        scores = np.array(planned.scores)
+        removed = planned.removed
+        if removed:
+            assert scores[planned.keep].min() >= scores[removed].max()
+
+
+def test_plan_round_trip_and_determinism(tmp_path):
+    first, report = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.4)
+    report.plan.save(tmp_path / "plan.json")
+    plan = Plan.load(tmp_path / "plan.json")
+    again, _ = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", plan=plan)
+    assert first.SerializeToString() == again.SerializeToString()
+    third, _ = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.4)
+    assert first.SerializeToString() == third.SerializeToString()
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["groups"][0]["members"][0]["tensor"]
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    _, report = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.4)
+    with pytest.raises(spa_compiler.BadInputError, match="does not match"):
+        spa_compiler.compile(f"{MODELS}/mobilenet_tiny.onnx", plan=report.plan)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spa_compiler", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_compile_outputs_and_bad_input(tmp_path):
+    source = f"{MODELS}/resnet_tiny.onnx"
+    digest = hashlib.sha256(open(source, "rb").read()).hexdigest()  # noqa: SIM115
+    out = tmp_path / "out.onnx"
+    result = run_cli(
+        "compile",
+        source,
+        "--ratio",
+        "0.3",
+        "-o",
+        str(out),
+        "--save-plan",
+        str(tmp_path / "plan.json"),
+        "--report",
+        str(tmp_path / "report.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    again = tmp_path / "again.onnx"
+    assert (
+        run_cli(
+            "compile", source, "--plan", str(tmp_path / "plan.json"), "-o", str(again)
+        ).returncode
+        == 0
+    )
+    assert out.read_bytes() == again.read_bytes()
+    for args in (
+        ["compile", source, "--ratio", "1.0", "-o", str(tmp_path / "a.onnx")],
+        ["compile", source, "--ratio", "-0.1", "-o", str(tmp_path / "a.onnx")],
+        ["compile", source, "-o", source],
+        ["compile", source, "-o", str(tmp_path / "missing" / "a.onnx")],
+        ["compile", source, "--plan", str(tmp_path / "nope.json"), "-o", str(tmp_path / "b.onnx")],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "a.onnx").exists()
+    assert hashlib.sha256(open(source, "rb").read()).hexdigest() == digest  # noqa: SIM115
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_nothing_to_prune_warns_with_exit_code_3(exported_model, tmp_path):
+    path = exported_model("lstm_model", "legacy17")
+    result = run_cli("compile", str(path), "-o", str(tmp_path / "same.onnx"))
+    assert result.returncode == 3, result.stderr
+    assert "no prunable group" in result.stderr and "recurrent" in result.stderr
