@@ -36,7 +36,32 @@ def kept_count(group: Group, ratio: float, round_to: int) -> int:
     return max(1, min(channels, keep))
 
 
+def global_counts(
+    groups: list[Group], scores: list[np.ndarray], ratio: float, cap: float
+) -> list[int]:
+    """Channels to keep per group when all groups' channels are ranked together by their
+    normalised scores; no group loses more than ``cap`` of its channels or its last one."""
+    floors = [max(1, g.channels - math.floor(cap * g.channels + 1e-9)) for g in groups]
+    entries = sorted(
+        (float(score), index, channel)
+        for index, group_scores in enumerate(scores)
+        for channel, score in enumerate(group_scores)
+    )
+    budget = math.floor(ratio * len(entries) + 1e-9)
+    keep = [g.channels for g in groups]
+    for _, index, _ in entries:
+        if budget == 0:
+            break
+        if keep[index] > floors[index]:
+            keep[index] -= 1
+            budget -= 1
+    return keep
+
+
 class SelectChannels(Pass):
+    """Scores every prunable group and keeps its best channels: ``ratio`` of each group
+    (uniform), or the best of all groups ranked together (``global_ranking``)."""
+
     name = "select-channels"
 
     def __init__(
@@ -48,31 +73,55 @@ class SelectChannels(Pass):
         round_to: int = 1,
         exclude: Sequence[str] = (),
         seed: int = 0,
+        global_ranking: bool = False,
+        max_group_ratio: float = 0.9,
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise BadInputError(f"ratio must be in [0, 1), not {ratio}")
         if round_to < 1:
             raise BadInputError(f"round-to must be a positive integer, not {round_to}")
-        self.analysis, self.ratio, self.criterion = analysis, ratio, criterion
-        self.aggregation, self.round_to, self.exclude, self.seed = (
-            aggregation,
-            round_to,
-            tuple(exclude),
-            seed,
-        )
+        if not 0.0 < max_group_ratio < 1.0:
+            raise BadInputError(f"max-group-ratio must be in (0, 1), not {max_group_ratio}")
+        self.analysis = analysis
+        self.ratio = ratio
+        self.criterion = criterion
+        self.aggregation = aggregation
+        self.round_to = round_to
+        self.exclude = tuple(exclude)
+        self.seed = seed
+        self.global_ranking = global_ranking
+        self.max_group_ratio = max_group_ratio
 
     def call(self, model: Model) -> PassResult:
+        groups = list(self.analysis.prunable)
+        scores = [
+            score_group(g, model.graph, self.criterion, self.aggregation, self.seed) for g in groups
+        ]
+        active = [not excluded(g, self.exclude) for g in groups]
+        counts: dict[int, int] = {}
+        if self.global_ranking:
+            ranked = [i for i, is_active in enumerate(active) if is_active]
+            kept = global_counts(
+                [groups[i] for i in ranked],
+                [scores[i] for i in ranked],
+                self.ratio,
+                self.max_group_ratio,
+            )
+            counts = dict(zip(ranked, kept, strict=True))
         plans = []
-        for group in self.analysis.prunable:
-            scores = score_group(group, model.graph, self.criterion, self.aggregation, self.seed)
-            if excluded(group, self.exclude):
+        for index, group in enumerate(groups):
+            if not active[index]:
                 keep = np.arange(group.channels)
             else:
-                count = kept_count(group, self.ratio, self.round_to)
+                if self.global_ranking:
+                    local_ratio = 1.0 - counts[index] / group.channels
+                    count = kept_count(group, local_ratio, self.round_to)
+                else:
+                    count = kept_count(group, self.ratio, self.round_to)
                 # Highest scores stay; ties broken by channel index for determinism.
-                order = np.lexsort((np.arange(group.channels), -scores))
+                order = np.lexsort((np.arange(group.channels), -scores[index]))
                 keep = np.sort(order[:count])
-            plans.append(group_plan(group, keep, scores))
+            plans.append(group_plan(group, keep, scores[index]))
         plan = Plan(
             groups=plans,
             heads=self.analysis.heads,
@@ -83,6 +132,8 @@ class SelectChannels(Pass):
                 "round_to": self.round_to,
                 "exclude": list(self.exclude),
                 "seed": self.seed,
+                "global": self.global_ranking,
+                "max_group_ratio": self.max_group_ratio,
             },
         )
         return PassResult(model, changed=False, details={"plan": plan})

@@ -114,9 +114,33 @@ EXIT_NOTHING_TO_PRUNE = 3
 @click.option(
     "--ratio",
     type=click.FloatRange(0.0, 1.0, max_open=True),
-    default=0.3,
+    default=None,
+    help="Fraction of the channels of every prunable group to remove [default: 0.3].",
+)
+@click.option(
+    "--target-flops",
+    type=float,
+    default=None,
+    help="Fraction of the original MACs to keep; the ratio is searched.",
+)
+@click.option(
+    "--target-params",
+    type=float,
+    default=None,
+    help="Fraction of the original parameters to keep; the ratio is searched.",
+)
+@click.option(
+    "--global",
+    "global_ranking",
+    is_flag=True,
+    help="Rank the channels of all groups together instead of pruning each equally.",
+)
+@click.option(
+    "--max-group-ratio",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=0.9,
     show_default=True,
-    help="Fraction of the channels of every prunable group to remove.",
+    help="With --global: the most of one group's channels that may go.",
 )
 @click.option(
     "--criterion",
@@ -174,7 +198,11 @@ EXIT_NOTHING_TO_PRUNE = 3
 def compile_command(
     model: str,
     output: str,
-    ratio: float,
+    ratio: float | None,
+    target_flops: float | None,
+    target_params: float | None,
+    global_ranking: bool,
+    max_group_ratio: float,
     criterion: str,
     aggregate: str,
     round_to: int,
@@ -197,10 +225,15 @@ def compile_command(
     source, target = pathlib.Path(model), pathlib.Path(output)
     if target.exists() and source.exists() and target.resolve() == source.resolve() and not force:
         raise BadInputError(f"{output}: is the input model; choose another output or --force")
+    if ratio is not None and (target_flops is not None or target_params is not None):
+        raise BadInputError("--ratio and a --target-* option exclude each other")
+    selecting = ratio is not None or target_flops or target_params or global_ranking
+    if plan_path and selecting:
+        raise BadInputError("--plan fixes every kept channel; drop the selection options")
     plan = Plan.load(plan_path) if plan_path else None
     proto, report = compile_model(
         model,
-        ratio=ratio,
+        ratio=0.3 if ratio is None else ratio,
         criterion=criterion,
         aggregation=aggregate,
         round_to=round_to,
@@ -208,6 +241,10 @@ def compile_command(
         heads=heads,
         seed=seed,
         plan=plan,
+        global_ranking=global_ranking,
+        max_group_ratio=max_group_ratio,
+        target_flops=target_flops,
+        target_params=target_params,
     )
     data = proto.SerializeToString()
     if len(data) >= 2**31:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,8 @@ class Report:
     plan: Plan
     groups: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    ratio: float | None = None
+    target: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,8 @@ class Report:
             "passes": [{"name": n, "seconds": round(s, 4)} for n, s in self.passes],
             "groups": self.groups,
             "warnings": self.warnings,
+            "ratio": self.ratio,
+            "target": self.target,
         }
 
     def summary(self) -> str:
@@ -68,6 +72,11 @@ class Report:
         for op in ops:
             old, new = self.before["macs_by_op"].get(op, 0), self.after["macs_by_op"].get(op, 0)
             lines.append(f"    {op:<10} MACs {old:>14,} -> {new:>14,}")
+        if self.target is not None and self.target["achieved"] is not None:
+            lines.append(
+                f"  target       keep {self.target['fraction']:.3f} of {self.target['metric']}: "
+                f"achieved {self.target['achieved']:.3f} at ratio {self.ratio:.4f}"
+            )
         lines.append(f"  time         {self.seconds:.2f} s")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -89,6 +98,32 @@ def measure(graph: gs.Graph) -> dict[str, Any]:
         "nodes": len(graph.nodes),
         "ops": dict(Counter(node.op for node in graph.nodes)),
     }
+
+
+def estimate(graph: gs.Graph, groups: dict[int, Any], plan: Plan) -> dict[str, int]:
+    """Parameters and MACs the model would have after ``plan``, from shapes alone: every axis
+    that shrinks is a member of a planned group, so no rewrite is needed."""
+    removed: dict[tuple[str, int], int] = defaultdict(int)
+    for planned in plan.groups:
+        channels = planned.removed
+        if channels:
+            for member in groups[planned.group].members:
+                removed[(member.tensor, member.axis)] += int(member.indices[channels].size)
+
+    def shape_of(tensor: gs.Tensor) -> list | None:
+        if tensor.shape is None:
+            return None
+        return [
+            d - removed.get((tensor.name, i), 0) if isinstance(d, int) else d
+            for i, d in enumerate(tensor.shape)
+        ]
+
+    sizes = weight_sizes(graph)
+    tensors = graph.tensors()
+    parameters = sum(
+        int(np.prod(shape_of(tensors[name]) or [size])) for name, size in sizes.items()
+    )
+    return {"parameters": parameters, "macs": flops.count(graph, shape_of)["macs"]}
 
 
 def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -143,12 +178,24 @@ def compile(
     seed: int = 0,
     plan: Plan | None = None,
     validate: bool = True,
+    global_ranking: bool = False,
+    max_group_ratio: float = 0.9,
+    target_flops: float | None = None,
+    target_params: float | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
     ``ratio`` removes that fraction of the channels of every prunable group (whole heads for
-    attention unless ``heads="dim"``); ``plan`` applies a saved plan instead.
+    attention unless ``heads="dim"``); ``global_ranking`` ranks all groups' channels together
+    instead (at most ``max_group_ratio`` of a group). ``target_flops`` / ``target_params``
+    (fractions of the original to keep) search the ratio that reaches them. ``plan`` applies a
+    saved plan instead.
     """
+    if target_flops is not None and target_params is not None:
+        raise BadInputError("give either a FLOPs target or a parameter target, not both")
+    for name, value in (("target-flops", target_flops), ("target-params", target_params)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise BadInputError(f"{name} is the fraction to keep, in (0, 1]; not {value}")
     from spa_compiler.passes import (
         AnalyzeChannels,
         CompleteShapes,
@@ -166,25 +213,65 @@ def compile(
     analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
     timings += [(name, seconds) for name, _, seconds in analyzed.results]
     analysis: Analysis = analyzed.results[-1][1].details["analysis"]
+    target_key, target = (
+        ("macs", target_flops) if target_flops is not None else ("parameters", target_params)
+    )
+    achieved: float | None = None
     if plan is None:
-        selected = run_passes(
-            loaded,
-            [SelectChannels(analysis, ratio, criterion, aggregation, round_to, exclude, seed)],
-        )
-        timings += [(name, seconds) for name, _, seconds in selected.results]
-        plan = selected.results[-1][1].details["plan"]
+
+        def select(trial_ratio: float) -> Plan:
+            selection = SelectChannels(
+                analysis,
+                trial_ratio,
+                criterion,
+                aggregation,
+                round_to,
+                exclude,
+                seed,
+                global_ranking,
+                max_group_ratio,
+            )
+            return selection(loaded).details["plan"]
+
+        if target is not None:
+            started_search = time.perf_counter()
+            groups = {g.id: g for g in analysis.prunable}
+            base = max(1, before[target_key])
+
+            def fraction(trial_ratio: float) -> float:
+                return estimate(loaded.graph, groups, select(trial_ratio))[target_key] / base
+
+            low, high = 0.0, 0.99
+            if fraction(high) > target:
+                ratio = high
+            else:
+                for _ in range(14):
+                    middle = (low + high) / 2
+                    low, high = (middle, high) if fraction(middle) > target else (low, middle)
+                ratio = high
+            timings.append(("search-ratio", time.perf_counter() - started_search))
+        started_select = time.perf_counter()
+        plan = select(ratio)
+        timings.append(("select-channels", time.perf_counter() - started_select))
     matched = check_plan_matches(plan, analysis)
 
     rewrite = [PruneChannels(plan, matched), InferShapes(), CompleteShapes(), InferShapes()]
     rewritten = run_passes(loaded, rewrite)
     timings += [(name, seconds) for name, _, seconds in rewritten.results]
     after = measure(rewritten.model.graph)
+    if target is not None:
+        achieved = after[target_key] / max(1, before[target_key])
     proto = export(rewritten.model, original)
     if validate:
         checked = run_passes(rewritten.model, [ValidateModel(proto, original)])
         timings += [(name, seconds) for name, _, seconds in checked.results]
 
     warnings = []
+    if target is not None and achieved is not None and achieved > target * 1.02 + 1e-9:
+        warnings.append(
+            f"target {target:.3f} of the original {target_key} not reached: achieved "
+            f"{achieved:.3f} (prunable groups limit how far spa can go)"
+        )
     if not analysis.prunable:
         reasons = Counter(
             r.split(": ", 2)[-1]
@@ -213,6 +300,10 @@ def compile(
             for g in plan.groups
         ],
         warnings=warnings,
+    )
+    report.ratio = ratio if plan.ratio is not None else None
+    report.target = (
+        None if target is None else {"metric": target_key, "fraction": target, "achieved": achieved}
     )
     return proto, report
 

@@ -162,3 +162,31 @@ def test_nothing_to_prune_warns_with_exit_code_3(exported_model, tmp_path):
     result = run_cli("compile", str(path), "-o", str(tmp_path / "same.onnx"))
     assert result.returncode == 3, result.stderr
     assert "no prunable group" in result.stderr and "recurrent" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "key"), [("target_flops", "macs"), ("target_params", "parameters")]
+)
+def test_targets_are_reached_by_searching_the_ratio(option, key):
+    _, report = spa_compiler.compile(f"{MODELS}/mobilenet_tiny.onnx", **{option: 0.5})
+    achieved = report.after[key] / report.before[key]
+    assert achieved <= 0.5 and report.target["achieved"] == pytest.approx(achieved)
+    assert achieved > 0.3  # close, not a collapse
+    assert not report.warnings
+
+
+def test_global_ranking_respects_the_group_cap():
+    _, report = spa_compiler.compile(
+        f"{MODELS}/mobilenet_tiny.onnx", ratio=0.5, global_ranking=True, max_group_ratio=0.6
+    )
+    kept = [len(g.keep) / g.channels for g in report.plan.groups]
+    assert min(kept) >= 0.4 - 1e-9
+    assert len(set(kept)) > 1  # not uniform
+    total = sum(g.channels for g in report.plan.groups)
+    removed = sum(len(g.removed) for g in report.plan.groups)
+    assert removed == pytest.approx(0.5 * total, abs=1)
+
+
+def test_global_compile_is_exact(exported_model):
+    path = exported_model("resnet_bottleneck", "legacy17")
+    assert compile_check(path, 0.5, 0, global_ranking=True, criterion="l1") <= 1e-4
