@@ -31,6 +31,27 @@ def _folds_a_weight(node: gs.Node) -> bool:
     return False
 
 
+def _split_ranged_shapes(graph: gs.Graph) -> None:
+    """Shape(start, end) -> Shape then Slice: graphsurgeon's shape folding ignores the range
+    attributes (onnx-graphsurgeon 0.6.1) and would fold the wrong sizes."""
+    for node in list(graph.nodes):
+        if node.op != "Shape" or ("end" not in node.attrs and not node.attrs.get("start", 0)):
+            continue
+        start = int(node.attrs.pop("start", 0))
+        end = int(node.attrs.pop("end", np.iinfo(np.int64).max))
+        output = node.outputs[0]
+        full = gs.Variable(f"{output.name}__full_shape", dtype=np.int64)
+        node.outputs = [full]
+        bounds = [
+            gs.Constant(f"{output.name}__{label}", np.array([value], dtype=np.int64))
+            for label, value in (("start", start), ("end", end), ("axes", 0))
+        ]
+        graph.nodes.append(
+            gs.Node("Slice", name=f"{node.name}__range", inputs=[full, *bounds], outputs=[output])
+        )
+    graph.toposort()
+
+
 def _signature(graph: gs.Graph) -> tuple[int, int]:
     constants = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
     return len(graph.nodes), constants
@@ -42,6 +63,7 @@ class FoldConstants(Pass):
     def call(self, model: Model) -> PassResult:
         graph = model.graph
         before = _signature(graph)
+        _split_ranged_shapes(graph)
         logger = logging.getLogger("onnx_graphsurgeon")
         level = logger.level
         logger.setLevel(logging.ERROR)

@@ -63,10 +63,16 @@ class Analysis:
 
 
 def weight_sizes(graph: gs.Graph) -> dict[str, int]:
-    """Floating-point constants with more than one element: the model's weights."""
+    """Constants with more than one element that are weights: floating point, or integer
+    data of a DequantizeLinear (quantized weights)."""
     sizes = {}
     for name, tensor in graph.tensors().items():
-        if isinstance(tensor, gs.Constant) and np.issubdtype(tensor.dtype, np.floating):
+        if not isinstance(tensor, gs.Constant):
+            continue
+        quantized = any(
+            node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs
+        )
+        if np.issubdtype(tensor.dtype, np.floating) or quantized:
             size = int(np.prod(tensor.shape))
             if size > 1:
                 sizes[name] = size
@@ -82,6 +88,10 @@ def build_channel_graph(model: Model) -> ChannelGraph:
     for tensor in graph.outputs:
         for axis in range(len(tensor.shape or [])):
             channels.block((tensor.name, axis), "graph output")
+    tensors = graph.tensors()
+    for name in model.overridable:
+        for axis in range(len(getattr(tensors.get(name), "shape", None) or [])):
+            channels.block((name, axis), "initializer that is also a graph input (overridable)")
     graph_outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
         ctx = RuleContext(channels, node, model.opset)

@@ -156,9 +156,32 @@ class ChannelGraph:
         return dim if isinstance(dim, int) and dim >= 0 else None
 
     def is_weight(self, name: str) -> bool:
-        """Floating-point constants are weights; integer constants are shapes and indices."""
+        """Floating-point constants are weights, and integer ones a DequantizeLinear reads as
+        data (quantized weights); other integer constants are shapes and indices."""
         tensor = self.tensors.get(name)
-        return isinstance(tensor, gs.Constant) and np.issubdtype(tensor.dtype, np.floating)
+        if not isinstance(tensor, gs.Constant):
+            return False
+        if np.issubdtype(tensor.dtype, np.floating):
+            return True
+        return any(
+            node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs
+        )
+
+    def from_constants(self, name: str) -> bool:
+        """Whether a tensor is a constant or computed from constants only (no graph input)."""
+        cache = self.__dict__.setdefault("_from_constants", {})
+        if name in cache:
+            return cache[name]
+        tensor = self.tensors.get(name)
+        cache[name] = False  # cycles and graph inputs are not constant
+        if isinstance(tensor, gs.Constant):
+            cache[name] = True
+        elif tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].inputs:
+            node = tensor.inputs[0]
+            cache[name] = node.op not in ("RandomNormal", "RandomUniform") and all(
+                self.from_constants(t.name) for t in node.inputs if t.name
+            )
+        return cache[name]
 
     # -- building -----------------------------------------------------------------------------
     def add_space(self, space: Space) -> bool:

@@ -135,6 +135,10 @@ def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
             tensor.shape = [None if is_anonymous_dim(d) else d for d in tensor.shape]
     proto = gs.export_onnx(graph, do_type_check=False)
     del proto.graph.value_info[:]
+    declared = {value.name for value in proto.graph.input}
+    for value in original.graph.input:  # overridable initializers stay graph inputs
+        if value.name in model.overridable and value.name not in declared:
+            proto.graph.input.append(value)
     proto.ir_version = original.ir_version
     del proto.opset_import[:]
     proto.opset_import.extend(original.opset_import)

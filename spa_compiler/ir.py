@@ -43,6 +43,8 @@ class Model:
     ir_version: int
     path: pathlib.Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Initializers also listed as graph inputs (IR >= 4): callers may override them.
+    overridable: list[str] = field(default_factory=list)
 
     def to_onnx(self) -> onnx.ModelProto:
         proto = gs.export_onnx(self.graph, do_type_check=False)
@@ -214,12 +216,14 @@ def model_from_proto(proto: onnx.ModelProto, path: pathlib.Path | None = None) -
         graph = gs.import_onnx(proto)
     except Exception as error:  # graphsurgeon raises bare exceptions on malformed graphs
         raise BadInputError(f"cannot import graph: {error}") from None
+    initializers = {t.name for t in proto.graph.initializer}
     return Model(
         graph=graph,
         opset=default_opset(proto),
         ir_version=int(proto.ir_version),
         path=path,
         metadata={entry.key: entry.value for entry in proto.metadata_props},
+        overridable=[v.name for v in proto.graph.input if v.name in initializers],
     )
 
 

@@ -118,20 +118,24 @@ class RuleContext:
         self.channels.factor(whole, factors, self.name, self.node.op)
 
     def role(self, name: str, axis: int, role: str) -> None:
-        """Mark a weight axis as producing/reading channels, also on the weight behind views."""
+        """Mark a weight axis as producing/reading channels, and the same on every constant it
+        is computed from (a transposed, dequantized, masked, split or sliced weight)."""
         self.channels.add_role((name, axis), role, self.name)
-        tensor = self.channels.tensors.get(name)
-        for _ in range(8):
-            if tensor is None or not tensor.inputs or tensor.inputs[0].op not in WEIGHT_VIEW_OPS:
-                break
-            view = tensor.inputs[0]
-            if view.op == "Transpose":
-                perm = view.attrs.get("perm")
-                if perm is None:
-                    break
-                axis = int(perm[axis])
-            tensor = view.inputs[0]
-            self.channels.add_role((tensor.name, axis), role, self.name)
+        if not self.channels.from_constants(name) or self.channels.is_weight(name):
+            return
+        # Walk the channel graph back through constant-only tensors to the weights.
+        seen, frontier = {(name, axis)}, [(name, axis)]
+        while frontier:
+            space = frontier.pop()
+            if space not in self.channels.spaces:
+                continue
+            for neighbour in self.channels.spaces.neighbors(space):
+                if neighbour in seen or not self.channels.from_constants(neighbour[0]):
+                    continue
+                seen.add(neighbour)
+                if self.channels.is_weight(neighbour[0]):
+                    self.channels.add_role(neighbour, role, self.name)
+                frontier.append(neighbour)
 
     def same(self, a: str, b: str) -> None:
         """Link every axis of ``a`` to the same axis of ``b`` (equal ranks)."""
@@ -299,7 +303,11 @@ def conv(ctx: RuleContext) -> None:
     ctx.role(w, 0, PRODUCER)
     if groups == 1:
         ctx.link(x, 1, w, 1)
-        ctx.role(w, 1, CONSUMER)
+        if _is_weight_like(ctx, w):
+            ctx.role(w, 1, CONSUMER)
+        else:  # a weight computed at run time: input channels meet activations
+            ctx.channels.add_role((x, 1), CONTRACTED, ctx.name)
+            ctx.channels.add_role((w, 1), CONTRACTED, ctx.name)
         return
     _grouped(ctx, x, y, groups)
     ctx.block(w, 1, "in-group input position of a grouped convolution: whole groups are pruned")
@@ -356,28 +364,26 @@ def gemm(ctx: RuleContext) -> None:
             ctx.role(c, rank_c - 1, PRODUCER)
 
 
-def _weight_roles(ctx: RuleContext, a: str, a_m: int, a_k: int, b: str, b_n: int, b_k: int) -> None:
+def _weight_roles(
+    ctx: RuleContext, a: str, a_m: int | None, a_k: int, b: str, b_n: int | None, b_k: int
+) -> None:
     weight_a, weight_b = _is_weight_like(ctx, a), _is_weight_like(ctx, b)
     if weight_b:
         ctx.role(b, b_k, CONSUMER)
-        ctx.role(b, b_n, PRODUCER)
+        if b_n is not None:
+            ctx.role(b, b_n, PRODUCER)
     if weight_a:
         ctx.role(a, a_k, CONSUMER)
-        ctx.role(a, a_m, PRODUCER)
+        if a_m is not None:
+            ctx.role(a, a_m, PRODUCER)
     if not weight_a and not weight_b:
         ctx.channels.add_role((a, a_k), CONTRACTED, ctx.name)
         ctx.channels.add_role((b, b_k), CONTRACTED, ctx.name)
 
 
 def _is_weight_like(ctx: RuleContext, name: str) -> bool:
-    tensor = ctx.channels.tensors.get(name)
-    for _ in range(8):
-        if isinstance(tensor, gs.Constant):
-            return True
-        if tensor is None or not tensor.inputs or tensor.inputs[0].op not in WEIGHT_VIEW_OPS:
-            return False
-        tensor = tensor.inputs[0].inputs[0]
-    return False
+    """A constant, or a tensor computed from constants only (a weight behind views)."""
+    return ctx.channels.from_constants(name)
 
 
 @rule("MatMul")
@@ -387,13 +393,16 @@ def matmul(ctx: RuleContext) -> None:
     if rank_a == 1 or rank_b == 1:
         if rank_a == 1 and rank_b == 1:
             ctx.link(a, 0, b, 0)
+            _weight_roles(ctx, a, None, 0, b, None, 0)
         elif rank_a == 1:
             ctx.link(a, 0, b, rank_b - 2)
             ctx.link(b, rank_b - 1, y, rank_y - 1)
+            _weight_roles(ctx, a, None, 0, b, rank_b - 1, rank_b - 2)
             _batch_axes(ctx, [(b, rank_b - 2)], y, rank_y - 1)
         else:
             ctx.link(a, rank_a - 1, b, 0)
             ctx.link(a, rank_a - 2, y, rank_y - 1)
+            _weight_roles(ctx, a, rank_a - 2, rank_a - 1, b, None, 0)
             _batch_axes(ctx, [(a, rank_a - 2)], y, rank_y - 1)
         return
     ctx.link(a, rank_a - 2, y, rank_y - 2)
@@ -459,9 +468,16 @@ def einsum(ctx: RuleContext) -> None:
                     ctx.block(name, axis, f"summed out by Einsum '{equation}'")
                 for other, other_axis in partners:
                     ctx.link(name, axis, other, other_axis)
+                partner_weight = any(
+                    weight
+                    for other, other_letters, weight in zip(
+                        inputs, operand_letters, weights, strict=True
+                    )
+                    if other != name and letter in other_letters
+                )
                 if is_weight:
                     ctx.role(name, axis, CONSUMER)
-                elif not any(weights):
+                elif not partner_weight:
                     ctx.channels.add_role((name, axis), CONTRACTED, ctx.name)
 
 
@@ -638,7 +654,11 @@ def _feeds_normalization(node: gs.Node) -> bool:
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def pooling(ctx: RuleContext) -> None:
     x = ctx.input(0)
-    for y in ctx.outputs:  # MaxPool's optional Indices output too
+    for index, y in enumerate(ctx.outputs):
+        if index == 1:  # MaxPool's Indices are flat positions that count the channels
+            ctx.block_tensor(y, "MaxPool indices encode channel positions")
+            ctx.block(x, 1, "MaxPool indices encode channel positions")
+            continue
         ctx.link(x, 0, y, 0)
         ctx.link(x, 1, y, 1)
         _spatial(ctx, [y], 2, "spatial axis of pooling")
@@ -716,6 +736,9 @@ def slice_(ctx: RuleContext) -> None:
         steps = None
     axes_list = list(range(len(starts))) if axes is None else [int(a) for a in axes]
     steps_list = [1] * len(starts) if steps is None else [int(s) for s in steps]
+    if 0 in steps_list:
+        ctx.block_all("Slice with step 0 (invalid)")
+        return
     sliced = {}
     for start, end, axis, step in zip(starts, ends, axes_list, steps_list, strict=True):
         sliced[normalize_axis(axis, rank)] = (int(start), int(end), step)
@@ -768,7 +791,56 @@ def reshape(ctx: RuleContext) -> None:
         if target is None and not _shape_from_parts(ctx, 1):
             ctx.block_all("Reshape target computed at run time in a form spa cannot rewrite")
             return
+        for position in _uncoupled_positions(ctx, 1):
+            ctx.block(y, position, "size set at run time by a computation spa cannot follow")
     regroup(ctx, x, y)
+
+
+def _uncoupled_positions(ctx: RuleContext, index: int) -> list[int]:
+    """Positions of a run-time target that hold a size neither constant nor read by a Shape
+    whose uses the Shape rule follows (and so couples to this output axis)."""
+    tensor = ctx.node.inputs[index]
+    producer = tensor.inputs[0] if tensor.inputs else None
+    length = tensor.shape[0] if tensor.shape else None
+    if not isinstance(length, int):
+        return []
+    if producer is not None and producer.op in ("Shape", "Slice"):
+        return [] if _coupled_read(tensor) else list(range(length))
+    concat = concat_behind(tensor)
+    if concat is None:
+        return []
+    positions, position = [], 0
+    for part in concat.inputs:
+        size = part.shape[0] if part.shape and isinstance(part.shape[0], int) else 1
+        if not isinstance(part, gs.Constant) and not _coupled_read(part):
+            positions.extend(range(position, position + size))
+        position += size
+    return positions
+
+
+def _coupled_read(part: gs.Tensor) -> bool:
+    """Whether ``part`` is a size read by a Shape node whose every use the Shape rule can
+    follow into Reshape/Expand targets (then that rule links the axes)."""
+    tensor = part
+    for _ in range(6):
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None:
+            return False
+        if node.op == "Shape":
+            rank = len(node.inputs[0].shape or [])
+            start = int(node.attrs.get("start", 0))
+            start = start + rank if start < 0 else start
+            end = int(node.attrs.get("end", rank))
+            end = max(0, min(rank, end + rank if end < 0 else end))
+            return _shape_couplings(tensor, list(range(start, end))) is not None
+        if (
+            node.op in ("Unsqueeze", "Gather", "Slice", "Cast")
+            or _constant_factor(node, node.inputs[0]) is not None
+        ):
+            tensor = node.inputs[0]
+            continue
+        return False
+    return False
 
 
 def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
@@ -776,8 +848,8 @@ def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
     Shape: Shape blocks the axes it reads, so a pruned axis never hides in a run-time part."""
     tensor = ctx.node.inputs[index]
     producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op == "Shape":
-        return True  # the whole shape of a tensor: Shape couples its axes to the output's
+    if producer is not None and producer.op in ("Shape", "Slice") and _coupled_read(tensor):
+        return True  # sizes read from a tensor: the Shape rule couples its axes to the output's
     producer = concat_behind(tensor)
     if producer is None:
         return False
@@ -999,6 +1071,9 @@ def expand(ctx: RuleContext) -> None:
         # The target holds every output size; spa can only rewrite constants it can find.
         ctx.block_all("Expand target computed at run time in a form spa cannot rewrite")
         return
+    shift = len(y_shape) - (ctx.shape(ctx.input(1)) or [len(y_shape)])[0]
+    for position in [] if static_target else _uncoupled_positions(ctx, 1):
+        ctx.block(y, position + shift, "size set at run time by a computation spa cannot follow")
     offset = len(y_shape) - len(x_shape)
     for axis in range(len(y_shape)):
         in_axis = axis - offset
@@ -1068,8 +1143,13 @@ def resize(ctx: RuleContext) -> None:
         ctx.block_all("resize between shapes spa does not know")
         return
     scales = ctx.const(2) if ctx.node.op == "Resize" else ctx.const(1)
+    rank = len(x_shape)
+    axes = [normalize_axis(int(a), rank) for a in ctx.attr("axes", list(range(rank)))]
+    full_scales = np.ones(rank)
+    if scales is not None and scales.size == len(axes):
+        full_scales[axes] = scales.reshape(-1)
     for axis, (a, b) in enumerate(zip(x_shape, y_shape, strict=True)):
-        kept = a == b and (scales is None or scales.size == 0 or float(scales[axis]) == 1.0)
+        kept = a == b and float(full_scales[axis]) == 1.0
         if kept and axis < 2:
             ctx.link(x, axis, y, axis)
         else:

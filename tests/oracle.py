@@ -92,8 +92,7 @@ def perturbation_check(
             positions = member.indices[chosen].reshape(-1)
             array[_index(array, member.axis, positions)] = 0
             _set(model_a, member.tensor, array)
-    if not consumers:
-        _mask_contraction(model, model_a, group, chosen)
+    _mask_contractions(model, model_a, group, chosen)
     model_b = onnx.ModelProto()
     model_b.CopyFrom(model_a)
     consumer_tensors = {name for name, _ in consumers}
@@ -121,35 +120,35 @@ def perturbation_check(
     return worst
 
 
-def _mask_contraction(model: Model, proto: onnx.ModelProto, group: Group, chosen) -> None:
-    """Channels read only by an activation x activation contraction (Q.K^T over the head
-    dim): zero them on one operand, right at the contraction, instead of in a weight."""
-    member = next(
-        (m for m in reversed(group.members) if any(r == CONTRACTED for r, _ in m.roles)), None
-    )
-    if member is None:
-        return  # dead channels: nothing reads them
-    node_name = next(n for r, n in member.roles if r == CONTRACTED)
-    rank = len(model.graph.tensors()[member.tensor].shape)
-    size = model.graph.tensors()[member.tensor].shape[member.axis]
-    mask_shape = [1] * rank
-    mask_shape[member.axis] = size
-    mask = np.ones(mask_shape, np.float32)
-    positions = member.indices[chosen].reshape(-1)
-    mask[_index(mask, member.axis, positions)] = 0
-    masked = f"{member.tensor}__oracle_masked"
-    proto.graph.initializer.append(numpy_helper.from_array(mask, f"{masked}_mask"))
-    for node in proto.graph.node:
-        if node.name == node_name:
-            for i, name in enumerate(node.input):
-                if name == member.tensor:
-                    node.input[i] = masked
-    proto.graph.node.append(
-        onnx.helper.make_node("Mul", [member.tensor, f"{masked}_mask"], [masked])
-    )
-    sorted_graph = gs.import_onnx(proto)
-    sorted_graph.toposort()
-    proto.CopyFrom(gs.export_onnx(sorted_graph, do_type_check=False))
+def _mask_contractions(model: Model, proto: onnx.ModelProto, group: Group, chosen) -> None:
+    """Channels an activation x activation contraction reads (Q.K^T over the head dim) have no
+    weight to zero: zero them on one operand of each such contraction, right at its input."""
+    tensors = model.graph.tensors()
+    masked_nodes: set[str] = set()
+    for member in group.members:
+        for role, node_name in member.roles:
+            if role != CONTRACTED or node_name in masked_nodes:
+                continue
+            masked_nodes.add(node_name)
+            rank = len(tensors[member.tensor].shape)
+            mask_shape = [1] * rank
+            mask_shape[member.axis] = tensors[member.tensor].shape[member.axis]
+            mask = np.ones(mask_shape, np.float32)
+            mask[_index(mask, member.axis, member.indices[chosen].reshape(-1))] = 0
+            masked = f"{member.tensor}__oracle_masked_{len(masked_nodes)}"
+            proto.graph.initializer.append(numpy_helper.from_array(mask, f"{masked}_mask"))
+            for node in proto.graph.node:
+                if node.name == node_name:
+                    for i, name in enumerate(node.input):
+                        if name == member.tensor:
+                            node.input[i] = masked
+            proto.graph.node.append(
+                onnx.helper.make_node("Mul", [member.tensor, f"{masked}_mask"], [masked])
+            )
+    if masked_nodes:
+        sorted_graph = gs.import_onnx(proto)
+        sorted_graph.toposort()
+        proto.CopyFrom(gs.export_onnx(sorted_graph, do_type_check=False))
 
 
 def check_groups(model: Model, analysis: Analysis, limit: int = 8, tolerance: float = 1e-4) -> int:

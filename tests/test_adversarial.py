@@ -1,0 +1,165 @@
+"""Regression tests from an adversarial review of the analysis: each graph once made spa
+report a group prunable that was not, crash, or fold a shape wrongly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from builder import GraphBuilder
+from onnx import TensorProto, helper, numpy_helper
+from oracle import check_groups, compile_check, random_feeds, run
+
+import spa_compiler
+
+
+def analyze(builder: GraphBuilder):
+    model = spa_compiler.from_proto(builder.model())
+    return model, spa_compiler.inspect(model)
+
+
+def test_matmul_with_a_vector_weight_reads_channels():
+    b = GraphBuilder()
+    x = b.input("x", [2, 6])
+    h = b.op("Relu", [b.op("Gemm", [x, b.weight("w1", [6, 8]), b.weight("b1", [8])])])
+    b.output(b.op("MatMul", [h, b.weight("v", [8])]))
+    model, analysis = analyze(b)
+    group = next(
+        g for g in analysis.groups if any(m.tensor == "w1" and m.axis == 1 for m in g.members)
+    )
+    assert ("v", 0) in {(m.tensor, m.axis) for m in group.consumers}
+    check_groups(model, analysis)
+
+
+def test_masked_and_split_weights_get_roles_on_the_constants():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c0")])
+    mask = b.const("mask", (np.arange(8) % 3 != 0).astype(np.float32).reshape(1, 8, 1, 1))
+    # over 4096 elements, so constant folding keeps the Mul (small ones fold into one weight)
+    weight = b.op("Mul", [b.weight("w_orig", [64, 8, 3, 3]), mask])
+    y = b.op("Conv", [h, weight], pads=[1, 1, 1, 1])
+    parts = b.op(
+        "Split", [b.weight("wqkv", [96, 64]), b.const("sizes", np.array([32, 64]))], n_out=2, axis=0
+    )
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [y])])])
+    b.output(b.op("Gemm", [flat, parts[0]], transB=1), shape=[1, 32])
+    b.output(b.op("Gemm", [flat, parts[1]], transB=1), shape=[1, 64])
+    model, analysis = analyze(b)
+    trunk = next(g for g in analysis.prunable if any(m.tensor == "c0.weight" for m in g.members))
+    assert ("w_orig", 1) in {(m.tensor, m.axis) for m in trunk.consumers}
+    inner = next(
+        g for g in analysis.prunable if any(m.tensor == "w_orig" and m.axis == 0 for m in g.members)
+    )
+    assert ("wqkv", 1) in {(m.tensor, m.axis) for m in inner.consumers}
+    check_groups(model, analysis)
+
+
+def test_maxpool_indices_block_the_channels():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c0")])
+    pooled, indices = b.op("MaxPool", [h], n_out=2, kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Add", [pooled, b.op("Cast", [indices], to=TensorProto.FLOAT)])
+    b.output(b.conv(y, 8, 2, name="c1"))
+    _, analysis = analyze(b)
+    assert not any(
+        g.prunable
+        for g in analysis.groups
+        if any(m.tensor == "c0.weight" and m.axis == 0 for m in g.members)
+    )
+
+
+def test_shape_with_start_and_end_folds_correctly():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 5])
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight("w", [5, 5])])])
+    size = b.op("Gather", [b.op("Shape", [h], start=2), b.const("zero", np.array([0]))])
+    target = b.op("Concat", [b.const("lead", np.array([1, 4])), size], axis=0)
+    b.output(b.op("Reshape", [h, target]))
+    proto = b.model()
+    prepared = spa_compiler.from_proto(proto).to_onnx()
+    feeds = random_feeds(proto)
+    np.testing.assert_array_equal(run(proto, feeds)[0], run(prepared, feeds)[0])
+
+
+def test_resize_axes_attribute_and_slice_step_zero_do_not_crash():
+    b = GraphBuilder(opset=18)
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.conv(x, 3, 6, name="c0")
+    up = b.op(
+        "Resize",
+        [h, "", b.const("scales", np.array([2.0, 2.0], np.float32))],
+        axes=[2, 3],
+        mode="nearest",
+    )
+    b.output(b.conv(up, 6, 2, name="c1"))
+    model, analysis = analyze(b)
+    assert any(
+        g.prunable for g in analysis.groups if any(m.tensor == "c0.weight" for m in g.members)
+    )
+    check_groups(model, analysis)
+
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [
+            numpy_helper.from_array(np.array([v]), n)
+            for n, v in (("s", 0), ("e", 4), ("a", 0), ("st", 0))
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    analysis = spa_compiler.inspect(spa_compiler.Model(*_import(proto)))
+    assert "step 0" in " ".join(r for g in analysis.groups for r in g.blocked_reasons)
+
+
+def _import(proto: onnx.ModelProto):
+    from spa_compiler.ir import model_from_proto
+
+    model = spa_compiler.prepare(model_from_proto(proto))
+    return model.graph, model.opset, model.ir_version
+
+
+def test_int8_weights_behind_dequantize_are_weights():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c0")])
+    quantized = b.const("wq", np.random.default_rng(0).integers(-8, 8, (4, 8, 3, 3), np.int8))
+    weight = b.op(
+        "DequantizeLinear", [quantized, b.const("scale", np.full(4, 0.1, np.float32))], axis=0
+    )
+    b.output(b.op("Conv", [h, weight], pads=[1, 1, 1, 1]))
+    model, analysis = analyze(b)
+    group = next(g for g in analysis.prunable if any(m.tensor == "c0.weight" for m in g.members))
+    assert ("wq", 1) in {(m.tensor, m.axis) for m in group.consumers}
+    check_groups(model, analysis)
+
+
+def test_run_time_target_couples_the_axes_it_reads():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c0")])
+    flat = b.op("Flatten", [b.op("Relu", [b.conv(x, 3, 8, name="c1")])])
+    target = b.op("Concat", [b.op("Shape", [h], end=2), b.const("rest", np.array([-1]))], axis=0)
+    reshaped = b.op("Reshape", [flat, target])
+    b.output(b.op("Conv", [reshaped, b.weight("w1d", [5, 8, 1])]))
+    b.output(b.conv(h, 8, 4, name="head"))
+    proto = b.model()
+    assert compile_check(proto, 0.5, 0) <= 1e-4
+
+
+def test_initializer_that_is_a_graph_input_is_not_pruned():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c0")])
+    b.output(b.conv(h, 8, 2, name="c1"))
+    proto = b.model()
+    weight = next(t for t in proto.graph.initializer if t.name == "c0.weight")
+    proto.graph.input.append(
+        helper.make_tensor_value_info("c0.weight", TensorProto.FLOAT, list(weight.dims))
+    )
+    analysis = spa_compiler.inspect(proto)
+    assert not analysis.prunable
+    pruned, _ = spa_compiler.compile(proto, ratio=0.5)
+    assert "c0.weight" in {v.name for v in pruned.graph.input}
