@@ -9,7 +9,10 @@ are written back onto the graphsurgeon tensors in place.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
+import pathlib
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -54,11 +57,23 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
 _RUNS = itertools.count()
 
 
+@functools.cache
+def _symbolic_shape_inference() -> type:
+    """onnxruntime's SymbolicShapeInference, loaded from its file: importing the
+    ``onnxruntime.tools`` package imports torch when it is installed (1.4 s)."""
+    spec = importlib.util.find_spec("onnxruntime")
+    path = pathlib.Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py"
+    module_spec = importlib.util.spec_from_file_location("spa_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
 def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """onnxruntime's symbolic shape inference; None where it cannot handle the graph."""
     import logging
 
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - a class
 
     logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
     level = logger.level
@@ -87,7 +102,13 @@ def _to_gs_shape(value: onnx.ValueInfoProto, run: int) -> list | None:
 
 
 class InferShapes(Pass):
+    """``symbolic``: also run onnxruntime's symbolic inference (slower; follows shape
+    arithmetic ONNX's inference leaves unknown)."""
+
     name = "infer-shapes"
+
+    def __init__(self, symbolic: bool = True) -> None:
+        self.symbolic = symbolic
 
     def call(self, model: Model) -> PassResult:
         graph = model.graph
@@ -101,7 +122,7 @@ class InferShapes(Pass):
             first_line = str(error).strip().splitlines()[0]
             raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
         values = [*inferred.graph.value_info, *inferred.graph.output]
-        symbolic = _symbolic_inference(inferred)
+        symbolic = _symbolic_inference(inferred) if self.symbolic else None
         if symbolic is not None:
             values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()

@@ -58,10 +58,11 @@ def compile(model, **options):
 
 def from_proto(proto: onnx.ModelProto) -> Model:
     """Check an in-memory ModelProto (no external data) and prepare it for analysis."""
-    try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError) as error:
-        raise BadInputError(f"model fails the ONNX checker: {str(error).strip()[:300]}") from None
+    from spa_compiler.ir import check
+
+    problem = check(proto)
+    if problem:
+        raise BadInputError(f"model fails the ONNX checker: {problem[:300]}")
     return prepare(model_from_proto(proto))
 
 

@@ -156,19 +156,10 @@ def _load(model: Model | onnx.ModelProto | str | os.PathLike[str]) -> tuple[Mode
 
     if isinstance(model, Model):
         raise BadInputError("compile takes a path or an onnx.ModelProto (the original model)")
-    if isinstance(model, onnx.ModelProto):
-        original = model
-        loaded = spa_compiler.prepare(model_from_proto(_copy(model)))
-    else:
-        original = read_model_proto(model)
-        loaded = spa_compiler.prepare(model_from_proto(_copy(original), None))
-    return loaded, original
-
-
-def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
-    duplicate = onnx.ModelProto()
-    duplicate.CopyFrom(proto)
-    return duplicate
+    # graphsurgeon reads the proto's tensors without changing them, and every rewrite replaces
+    # a constant's values instead of writing into them: no copy of the weights is needed.
+    original = model if isinstance(model, onnx.ModelProto) else read_model_proto(model)
+    return spa_compiler.prepare(model_from_proto(original)), original
 
 
 def compile(
@@ -259,8 +250,9 @@ def compile(
         timings.append(("select-channels", time.perf_counter() - started_select))
     matched = check_plan_matches(plan, analysis)
 
-    rewrite = [PruneChannels(plan, matched), InferShapes(), CompleteShapes(), InferShapes()]
-    rewritten = run_passes(loaded, rewrite)
+    rewritten = run_passes(loaded, [PruneChannels(plan, matched), InferShapes(), CompleteShapes()])
+    if rewritten.results[-1][1].changed:
+        rewritten = run_passes(rewritten.model, [InferShapes()])
     timings += [(name, seconds) for name, _, seconds in rewritten.results]
     after = measure(rewritten.model.graph)
     if target is not None:

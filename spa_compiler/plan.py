@@ -56,7 +56,9 @@ class Plan:
                     "group": g.group,
                     "channels": g.channels,
                     "keep": g.keep,
-                    "members": g.members,
+                    "members": [
+                        {**m, "indices": np.asarray(m["indices"]).tolist()} for m in g.members
+                    ],
                     **({"scores": g.scores} if g.scores is not None else {}),
                 }
                 for g in self.groups
@@ -79,7 +81,14 @@ class Plan:
                     group=int(g["group"]),
                     channels=int(g["channels"]),
                     keep=[int(c) for c in g["keep"]],
-                    members=list(g["members"]),
+                    members=[
+                        {
+                            "tensor": str(m["tensor"]),
+                            "axis": int(m["axis"]),
+                            "indices": np.asarray(m["indices"], dtype=np.int64),
+                        }
+                        for m in g["members"]
+                    ],
                     scores=g.get("scores"),
                 )
                 for g in data["groups"]
@@ -110,10 +119,7 @@ def group_plan(group: Group, keep: np.ndarray | list[int], scores=None) -> Group
         group=group.id,
         channels=group.channels,
         keep=sorted(int(c) for c in keep),
-        members=[
-            {"tensor": m.tensor, "axis": m.axis, "indices": m.indices.tolist()}
-            for m in group.members
-        ],
+        members=[{"tensor": m.tensor, "axis": m.axis, "indices": m.indices} for m in group.members],
         scores=None if scores is None else [float(s) for s in scores],
     )
 
@@ -122,18 +128,19 @@ def check_plan_matches(plan: Plan, analysis: Analysis) -> dict[int, Group]:
     """Match each planned group to this model's analysis; refuse a plan made for another
     model or that keeps channels of a blocked group."""
 
-    def key(members: list[tuple[str, int, list]]) -> frozenset:
+    def key(members: list[tuple[str, int, np.ndarray]]) -> frozenset:
         return frozenset(
-            (tensor, int(axis), tuple(map(tuple, indices))) for tensor, axis, indices in members
+            (tensor, int(axis), indices.shape, np.ascontiguousarray(indices, np.int64).tobytes())
+            for tensor, axis, indices in members
         )
 
     by_members = {
-        key([(m.tensor, m.axis, m.indices.tolist()) for m in g.members]): g for g in analysis.groups
+        key([(m.tensor, m.axis, m.indices) for m in g.members]): g for g in analysis.groups
     }
     matched: dict[int, Group] = {}
     for planned in plan.groups:
         group = by_members.get(
-            key([(m["tensor"], m["axis"], m["indices"]) for m in planned.members])
+            key([(m["tensor"], m["axis"], np.asarray(m["indices"])) for m in planned.members])
         )
         if group is None or group.channels != planned.channels:
             raise BadInputError(

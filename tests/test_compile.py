@@ -190,3 +190,24 @@ def test_global_ranking_respects_the_group_cap():
 def test_global_compile_is_exact(exported_model):
     path = exported_model("resnet_bottleneck", "legacy17")
     assert compile_check(path, 0.5, 0, global_ranking=True, criterion="l1") <= 1e-4
+
+
+def test_shipped_digits_model_keeps_its_accuracy():
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, MODELS)
+    import onnxruntime as ort
+    from make_digits_cnn import data
+
+    _, images, _, labels = data()
+
+    def accuracy(proto: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return float((session.run(None, {"image": images})[0].argmax(1) == labels).mean())
+
+    dense = onnx.load(f"{MODELS}/digits_cnn.onnx")
+    assert accuracy(dense) > 0.98
+    pruned, report = spa_compiler.compile(f"{MODELS}/digits_cnn.onnx", ratio=0.1, criterion="l2")
+    assert report.after["macs"] < 0.85 * report.before["macs"]
+    assert accuracy(pruned) > 0.97
