@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa_compiler.ir import Model, is_anonymous_dim
+from spa_compiler.op_rules import UNARY_OPS
 from spa_compiler.pipeline import Pass, PassResult
 
 Dim = int | str
@@ -109,7 +110,8 @@ def resolve_reshape(node: gs.Node) -> list[Dim] | None:
     return out
 
 
-SHAPE_PRESERVING_OPS = {
+# Ops whose output has the input's shape: the op table's unary ops, norms and softmax.
+SHAPE_PRESERVING_OPS = set(UNARY_OPS) | {
     "BatchNormalization",
     "InstanceNormalization",
     "LayerNormalization",
@@ -120,38 +122,7 @@ SHAPE_PRESERVING_OPS = {
     "Softmax",
     "LogSoftmax",
     "Hardmax",
-    "Relu",
-    "LeakyRelu",
     "PRelu",
-    "Sigmoid",
-    "HardSigmoid",
-    "HardSwish",
-    "Tanh",
-    "Gelu",
-    "Erf",
-    "Mish",
-    "Softplus",
-    "Softsign",
-    "Elu",
-    "Selu",
-    "Celu",
-    "ThresholdedRelu",
-    "Identity",
-    "Dropout",
-    "Clip",
-    "Cast",
-    "Neg",
-    "Abs",
-    "Exp",
-    "Log",
-    "Sqrt",
-    "Reciprocal",
-    "Floor",
-    "Ceil",
-    "Round",
-    "Sign",
-    "Sin",
-    "Cos",
     "Trilu",
 }
 

@@ -13,7 +13,9 @@ import functools
 import importlib.util
 import itertools
 import pathlib
+import warnings
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -79,7 +81,9 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
     except Exception:  # it raises bare exceptions on ops it does not know; ONNX's result stands
         return None
     finally:

@@ -669,46 +669,37 @@ def pooling(ctx: RuleContext) -> None:
 # Data movement.
 
 
+def _stack_parts(ctx: RuleContext, whole: str, parts: list[str], axis: int, what: str) -> None:
+    """``whole`` is ``parts`` laid end to end along ``axis`` (Concat output, Split input)."""
+    offset: int | None = 0
+    for part in parts:
+        for i in range(ctx.rank(whole) or 0):
+            if i != axis:
+                ctx.link(part, i, whole, i)
+        size = ctx.dim(part, axis)
+        if offset is None or size is None:
+            ctx.block(part, axis, f"{what} of unknown size")
+            ctx.block(whole, axis, f"{what} of unknown size")
+            offset = None
+            continue
+        ctx.link(part, axis, whole, axis, np.arange(size), offset + np.arange(size))
+        offset += size
+
+
 @rule("Concat")
 def concat(ctx: RuleContext) -> None:
     y = ctx.output(0)
-    rank = ctx.rank(y) or 0
-    axis = normalize_axis(int(ctx.attr("axis")), rank)
-    offset: int | None = 0
-    for name in ctx.data_inputs:
-        for i in range(rank):
-            if i != axis:
-                ctx.link(name, i, y, i)
-        size = ctx.dim(name, axis)
-        if offset is None or size is None:
-            ctx.block(name, axis, "Concat of an input of unknown size")
-            ctx.block(y, axis, "Concat of an input of unknown size")
-            offset = None
-            continue
-        ctx.link(name, axis, y, axis, np.arange(size), offset + np.arange(size))
-        offset += size
+    axis = normalize_axis(int(ctx.attr("axis")), ctx.rank(y) or 0)
+    _stack_parts(ctx, y, ctx.data_inputs, axis, "Concat of an input")
 
 
 @rule("Split")
 def split(ctx: RuleContext) -> None:
     x = ctx.input(0)
-    rank = ctx.rank(x) or 0
-    axis = normalize_axis(int(ctx.attr("axis", 0)), rank)
+    axis = normalize_axis(int(ctx.attr("axis", 0)), ctx.rank(x) or 0)
     if ctx.input(1) is not None:
         ctx.block_tensor(ctx.input(1), "split sizes operand")
-    offset: int | None = 0
-    for y in ctx.outputs:
-        for i in range(rank):
-            if i != axis:
-                ctx.link(x, i, y, i)
-        size = ctx.dim(y, axis)
-        if offset is None or size is None:
-            ctx.block(x, axis, "Split into parts of unknown size")
-            ctx.block(y, axis, "Split into parts of unknown size")
-            offset = None
-            continue
-        ctx.link(y, axis, x, axis, np.arange(size), offset + np.arange(size))
-        offset += size
+    _stack_parts(ctx, x, ctx.outputs, axis, "Split into parts")
 
 
 @rule("Slice")

@@ -14,31 +14,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import numpy_helper
+from spa_compiler.passes.validate_model import random_inputs
 
 from spa_compiler.analysis import Analysis
 from spa_compiler.channel_graph import CONSUMER, CONTRACTED, Group
 from spa_compiler.ir import Model
 
 
-def random_feeds(proto: onnx.ModelProto, seed: int = 0, symbolic: int = 2) -> dict:
-    rng = np.random.default_rng(seed)
-    initializers = {t.name for t in proto.graph.initializer}
-    feeds = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [
-            d.dim_value if d.HasField("dim_value") else symbolic for d in tensor_type.shape.dim
-        ]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
-        else:
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict:
+    """Random inputs of the declared shapes: the ones spa's own validation uses."""
+    return random_inputs(proto, seed)
 
 
 def run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
