@@ -258,11 +258,12 @@ def compile(
     if target is not None:
         achieved = after[target_key] / max(1, before[target_key])
     proto = export(rewritten.model, original)
+    warnings: list[str] = []
     if validate:
         checked = run_passes(rewritten.model, [ValidateModel(proto, original)])
         timings += [(name, seconds) for name, _, seconds in checked.results]
+        warnings += checked.results[-1][1].details.get("warnings", [])
 
-    warnings = []
     if target is not None and achieved is not None and achieved > target * 1.02 + 1e-9:
         warnings.append(
             f"target {target:.3f} of the original {target_key} not reached: achieved "

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from architectures import ARCHITECTURES
+from handmade import HANDMADE, NOT_RUNNABLE_IN_ORT
 from oracle import compile_check, random_feeds, run
 
 import spa_compiler
@@ -211,3 +212,12 @@ def test_shipped_digits_model_keeps_its_accuracy():
     pruned, report = spa_compiler.compile(f"{MODELS}/digits_cnn.onnx", ratio=0.1, criterion="l2")
     assert report.after["macs"] < 0.85 * report.before["macs"]
     assert accuracy(pruned) > 0.97
+
+
+@pytest.mark.parametrize("name", sorted(HANDMADE))
+def test_compile_handmade_graphs(name):
+    if name in NOT_RUNNABLE_IN_ORT:
+        _, report = spa_compiler.compile(HANDMADE[name](), ratio=0.5)
+        assert any("checker only" in warning for warning in report.warnings)
+    else:
+        assert compile_check(HANDMADE[name](), 0.5, 0) <= 1e-4
