@@ -10,6 +10,12 @@ import tempfile
 from spa_compiler.errors import BadInputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: pathlib.Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     folder = path.parent if str(path.parent) else pathlib.Path(".")
@@ -24,6 +30,8 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
         with contextlib.suppress(OSError):

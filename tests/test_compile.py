@@ -221,3 +221,16 @@ def test_compile_handmade_graphs(name):
         assert any("checker only" in warning for warning in report.warnings)
     else:
         assert compile_check(HANDMADE[name](), 0.5, 0) <= 1e-4
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from spa_compiler.io import write_atomic
+
+    target = tmp_path / "out.bin"
+    write_atomic(target, b"data")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
