@@ -90,6 +90,24 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         logger.setLevel(level)
 
 
+def _all_resolved(proto: onnx.ModelProto) -> bool:
+    """Whether ONNX's inference left no tensor without a fully named or numeric shape."""
+    values = [*proto.graph.value_info, *proto.graph.output]
+    produced = {name for node in proto.graph.node for name in node.output if name}
+    if len({v.name for v in values} & produced) < len(produced):
+        return False
+    for value in values:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            return False
+        for dim in tensor_type.shape.dim:
+            if not dim.HasField("dim_value") and (
+                not dim.dim_param or dim.dim_param.startswith("unk__")
+            ):
+                return False
+    return True
+
+
 def _to_gs_shape(value: onnx.ValueInfoProto, run: int) -> list | None:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -126,7 +144,9 @@ class InferShapes(Pass):
             first_line = str(error).strip().splitlines()[0]
             raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
         values = [*inferred.graph.value_info, *inferred.graph.output]
-        symbolic = _symbolic_inference(inferred) if self.symbolic else None
+        symbolic = None
+        if self.symbolic and not _all_resolved(inferred):
+            symbolic = _symbolic_inference(inferred)
         if symbolic is not None:
             values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()

@@ -18,9 +18,10 @@ AGGREGATIONS = ("sum", "mean", "max")
 
 
 def _per_index_norm(values: np.ndarray, axis: int, power: int) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0)
-    flat = np.abs(moved.reshape(moved.shape[0], -1))
-    return (flat**power).sum(axis=1)
+    """Sum of |w|^power over every axis but ``axis`` (accumulated in float64)."""
+    others = tuple(i for i in range(values.ndim) if i != axis)
+    magnitude = np.abs(values) if power == 1 else np.square(values, dtype=np.float64)
+    return magnitude.sum(axis=others, dtype=np.float64) if others else magnitude.astype(np.float64)
 
 
 def _member_scores(member: Member, values: np.ndarray, power: int) -> np.ndarray:
