@@ -108,6 +108,23 @@ def _all_resolved(proto: onnx.ModelProto) -> bool:
     return True
 
 
+def _better_named(new: list | None, old: list | None, input_symbols: set[str]) -> bool:
+    """Same dims, but ``new`` names its symbolic ones after graph inputs' dims where ``old``
+    used names of its own (an exporter's 'Tanh1342_dim_0' for the batch)."""
+    if new is None or old is None or len(new) != len(old):
+        return False
+    improved = False
+    for a, b in zip(new, old, strict=True):
+        if isinstance(a, int) or isinstance(b, int):
+            if a != b:
+                return False
+        elif a in input_symbols and b not in input_symbols:
+            improved = True
+        elif a != b:
+            return False
+    return improved
+
+
 def _to_gs_shape(value: onnx.ValueInfoProto, run: int) -> list | None:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -150,6 +167,7 @@ class InferShapes(Pass):
         if symbolic is not None:
             values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()
+        input_symbols = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
         changed = 0
         run = next(_RUNS)
         for value in values:
@@ -157,8 +175,10 @@ class InferShapes(Pass):
             if not isinstance(tensor, gs.Variable):
                 continue
             shape = _to_gs_shape(value, run)
-            if _known_dims(shape) > _known_dims(tensor.shape) or (
-                tensor.shape is None and shape is not None
+            if (
+                _known_dims(shape) > _known_dims(tensor.shape)
+                or (tensor.shape is None and shape is not None)
+                or _better_named(shape, tensor.shape, input_symbols)
             ):
                 tensor.shape = shape
                 changed += 1

@@ -135,6 +135,10 @@ def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
             tensor.shape = [None if is_anonymous_dim(d) else d for d in tensor.shape]
     proto = gs.export_onnx(graph, do_type_check=False)
     del proto.graph.value_info[:]
+    original_outputs = {value.name: value for value in original.graph.output}
+    for value in proto.graph.output:  # the interface stays as its author declared it
+        if value.name in original_outputs:
+            value.CopyFrom(original_outputs[value.name])
     declared = {value.name for value in proto.graph.input}
     for value in original.graph.input:  # overridable initializers stay graph inputs
         if value.name in model.overridable and value.name not in declared:
@@ -203,6 +207,7 @@ def compile(
     started = time.perf_counter()
     loaded, original = _load(model)
     before = measure(loaded.graph)
+    output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
     timings: list[tuple[str, float]] = []
 
     analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
@@ -260,7 +265,7 @@ def compile(
     proto = export(rewritten.model, original)
     warnings: list[str] = []
     if validate:
-        checked = run_passes(rewritten.model, [ValidateModel(proto, original)])
+        checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
         timings += [(name, seconds) for name, _, seconds in checked.results]
         warnings += checked.results[-1][1].details.get("warnings", [])
 
