@@ -75,6 +75,7 @@ class SelectChannels(Pass):
         seed: int = 0,
         global_ranking: bool = False,
         max_group_ratio: float = 0.9,
+        normalization: str = "mean",
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise BadInputError(f"ratio must be in [0, 1), not {ratio}")
@@ -91,11 +92,15 @@ class SelectChannels(Pass):
         self.seed = seed
         self.global_ranking = global_ranking
         self.max_group_ratio = max_group_ratio
+        self.normalization = normalization
 
     def call(self, model: Model) -> PassResult:
         groups = list(self.analysis.prunable)
         scores = [
-            score_group(g, model.graph, self.criterion, self.aggregation, self.seed) for g in groups
+            score_group(
+                g, model.graph, self.criterion, self.aggregation, self.seed, self.normalization
+            )
+            for g in groups
         ]
         active = [not excluded(g, self.exclude) for g in groups]
         counts: dict[int, int] = {}
@@ -129,6 +134,7 @@ class SelectChannels(Pass):
             ratio=self.ratio,
             metadata={
                 "aggregation": self.aggregation,
+                "normalization": self.normalization,
                 "round_to": self.round_to,
                 "exclude": list(self.exclude),
                 "seed": self.seed,

@@ -157,6 +157,13 @@ EXIT_NOTHING_TO_PRUNE = 3
     help="How a group's member scores combine.",
 )
 @click.option(
+    "--normalize",
+    type=click.Choice(["mean", "max", "sum", "none"]),
+    default="mean",
+    show_default=True,
+    help="Per-group score normalization (matters with --global).",
+)
+@click.option(
     "--round-to",
     type=click.IntRange(min=1),
     default=1,
@@ -205,6 +212,7 @@ def compile_command(
     max_group_ratio: float,
     criterion: str,
     aggregate: str,
+    normalize: str,
     round_to: int,
     heads: str,
     exclude: tuple[str, ...],
@@ -245,6 +253,7 @@ def compile_command(
         max_group_ratio=max_group_ratio,
         target_flops=target_flops,
         target_params=target_params,
+        normalization=normalize,
     )
     data = proto.SerializeToString()
     if len(data) >= 2**31:

@@ -64,14 +64,18 @@ class Report:
             "spa compile",
             line("parameters", "parameters"),
             line("MACs", "macs"),
+            line("FLOPs", "flops"),
             line("bytes", "bytes"),
             f"  groups       {self.groups_pruned} pruned of {self.groups_prunable} prunable, "
             f"{self.groups_blocked} blocked",
         ]
-        ops = sorted(set(self.before["macs_by_op"]) | set(self.after["macs_by_op"]))
-        for op in ops:
-            old, new = self.before["macs_by_op"].get(op, 0), self.after["macs_by_op"].get(op, 0)
-            lines.append(f"    {op:<10} MACs {old:>14,} -> {new:>14,}")
+        before, after = self.before["flops_by_op"], self.after["flops_by_op"]
+        lines.append(f"  {'op type':<22} {'nodes':>5} {'FLOPs before':>14}    {'FLOPs after':>14}")
+        for op in sorted(set(before) | set(after), key=lambda o: -before.get(o, 0)):
+            nodes = self.before["ops"].get(op, 0)
+            lines.append(
+                f"    {op:<20} {nodes:>5} {before.get(op, 0):>14,} -> {after.get(op, 0):>14,}"
+            )
         if self.target is not None and self.target["achieved"] is not None:
             lines.append(
                 f"  target       keep {self.target['fraction']:.3f} of {self.target['metric']}: "
@@ -94,6 +98,8 @@ def measure(graph: gs.Graph) -> dict[str, Any]:
         "parameters": sum(sizes.values()),
         "macs": counted["macs"],
         "macs_by_op": counted["macs_by_op"],
+        "flops": counted["flops"],
+        "flops_by_op": counted["flops_by_op"],
         "bytes": nbytes,
         "nodes": len(graph.nodes),
         "ops": dict(Counter(node.op for node in graph.nodes)),
@@ -181,6 +187,7 @@ def compile(
     max_group_ratio: float = 0.9,
     target_flops: float | None = None,
     target_params: float | None = None,
+    normalization: str = "mean",
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
@@ -230,6 +237,7 @@ def compile(
                 seed,
                 global_ranking,
                 max_group_ratio,
+                normalization,
             )
             return selection(loaded).details["plan"]
 

@@ -15,6 +15,7 @@ from spa_compiler.errors import BadInputError
 
 CRITERIA = ("l1", "l2", "random", "bn-scale")
 AGGREGATIONS = ("sum", "mean", "max")
+NORMALIZATIONS = ("mean", "max", "sum", "none")
 
 
 def _per_index_norm(values: np.ndarray, axis: int, power: int) -> np.ndarray:
@@ -54,12 +55,16 @@ def score_group(
     criterion: str = "l1",
     aggregation: str = "sum",
     seed: int = 0,
+    normalization: str = "mean",
 ) -> np.ndarray:
-    """One importance score per channel of ``group``."""
+    """One importance score per channel of ``group``, divided by the group's mean, max or sum
+    (``normalization``) so that groups compare under global ranking."""
     if criterion not in CRITERIA:
         raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     if aggregation not in AGGREGATIONS:
         raise BadInputError(f"unknown aggregation {aggregation!r}")
+    if normalization not in NORMALIZATIONS:
+        raise BadInputError(f"unknown normalization {normalization!r}")
     if criterion == "random":
         return np.random.default_rng([seed, group.id]).random(group.channels)
     tensors = graph.tensors()
@@ -79,5 +84,7 @@ def score_group(
         return np.ones(group.channels)
     table = np.stack(rows)
     combined = {"sum": table.sum, "mean": table.mean, "max": table.max}[aggregation](axis=0)
-    mean = combined.mean()
-    return combined / mean if mean > 0 else combined
+    if normalization == "none":
+        return combined
+    scale = {"mean": combined.mean, "max": combined.max, "sum": combined.sum}[normalization]()
+    return combined / scale if scale > 0 else combined

@@ -55,14 +55,166 @@ def node_macs(node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _sha
     return 0
 
 
+def _window(node: gs.Node, shape_of: Callable[[gs.Tensor], list | None]) -> int:
+    """Elements each output of a pooling op reads."""
+    kernel = node.attrs.get("kernel_shape")
+    if kernel is not None:
+        return int(np.prod(kernel))
+    source = _dims(shape_of(node.inputs[0]))
+    return int(np.prod(source[2:])) if len(source) > 2 else 1
+
+
+# FLOPs per output element (or per input element where marked) of the ops without a
+# reduction; MAC ops count 2 FLOPs per MAC.
+PER_ELEMENT = {
+    "Relu": 1,
+    "LeakyRelu": 2,
+    "PRelu": 2,
+    "Sigmoid": 4,
+    "HardSigmoid": 3,
+    "HardSwish": 4,
+    "Tanh": 4,
+    "Gelu": 8,
+    "Erf": 4,
+    "Clip": 2,
+    "Softplus": 4,
+    "Softsign": 3,
+    "Mish": 8,
+    "Elu": 3,
+    "Selu": 4,
+    "Celu": 4,
+    "Swish": 5,
+    "Exp": 1,
+    "Log": 1,
+    "Sqrt": 1,
+    "Reciprocal": 1,
+    "Neg": 1,
+    "Abs": 1,
+    "Sin": 1,
+    "Cos": 1,
+    "Pow": 1,
+    "Add": 1,
+    "Sub": 1,
+    "Mul": 1,
+    "Div": 1,
+    "Max": 1,
+    "Min": 1,
+    "Sum": 1,
+    "Mean": 1,
+    "Where": 1,
+    "Equal": 1,
+    "Greater": 1,
+    "Less": 1,
+    "BatchNormalization": 2,
+    "InstanceNormalization": 5,
+    "LayerNormalization": 5,
+    "GroupNormalization": 5,
+    "MeanVarianceNormalization": 5,
+    "LpNormalization": 3,
+    "LRN": 5,
+    "Softmax": 5,
+    "LogSoftmax": 5,
+    "Resize": 4,
+    "Upsample": 4,
+    "QuantizeLinear": 2,
+    "DequantizeLinear": 2,
+}
+# Reductions read every input element once.
+PER_INPUT_ELEMENT = {
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+    "ArgMax",
+    "ArgMin",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+}
+POOLING = {"MaxPool", "AveragePool", "LpPool"}
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
+# No arithmetic: data movement, shape computations, control flow (its sub-graphs are not
+# counted) and recurrent ops (counted as 0: spa never prunes them).
+NO_ARITHMETIC = {
+    "Identity",
+    "Dropout",
+    "Cast",
+    "CastLike",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Shape",
+    "Size",
+    "Trilu",
+    "If",
+    "Loop",
+    "Scan",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Not",
+    "IsNaN",
+    "IsInf",
+    "And",
+    "Or",
+    "Xor",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "Mod",
+    "BitShift",
+    "ThresholdedRelu",
+    "Hardmax",
+}
+
+
+def node_flops(node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _shape_of) -> int:
+    """Floating-point operations of one node: 2 per MAC, per-element costs for the rest, 0 for
+    data movement (Reshape, Transpose, Concat, Slice, Gather...)."""
+    macs = node_macs(node, shape_of)
+    if macs:
+        return 2 * macs
+    if not node.outputs:
+        return 0
+    if node.op in PER_INPUT_ELEMENT:
+        return _numel(shape_of(node.inputs[0]))
+    if node.op in POOLING:
+        return _numel(shape_of(node.outputs[0])) * _window(node, shape_of)
+    return _numel(shape_of(node.outputs[0])) * PER_ELEMENT.get(node.op, 0)
+
+
 def count(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list | None] = _shape_of) -> dict:
-    """MACs per op type, element operations of the other ops, and totals."""
+    """MACs and FLOPs, per op type and in total."""
     macs: dict[str, int] = defaultdict(int)
-    elementwise = 0
+    flops: dict[str, int] = defaultdict(int)
     for node in graph.nodes:
         value = node_macs(node, shape_of)
         if value:
             macs[node.op] += value
-        elif node.outputs:
-            elementwise += _numel(shape_of(node.outputs[0]))
-    return {"macs": sum(macs.values()), "macs_by_op": dict(macs), "elementwise": elementwise}
+        cost = node_flops(node, shape_of)
+        if cost:
+            flops[node.op] += cost
+    return {
+        "macs": sum(macs.values()),
+        "macs_by_op": dict(macs),
+        "flops": sum(flops.values()),
+        "flops_by_op": dict(flops),
+    }

@@ -423,3 +423,27 @@ def test_every_table_entry_has_a_test():
         "Hardmax",
     }
     assert set(untested) <= shared, untested
+
+
+def test_flops_counter_covers_the_op_table():
+    from spa_compiler import flops
+
+    known = (
+        set(flops.PER_ELEMENT)
+        | flops.PER_INPUT_ELEMENT
+        | flops.POOLING
+        | flops.MAC_OPS
+        | flops.NO_ARITHMETIC
+    )
+    assert set(RULES) <= known, sorted(set(RULES) - known)
+
+
+def test_flops_of_a_small_network():
+    from spa_compiler import flops
+
+    model, _ = between_convs(lambda b, y: b.op("Relu", [y]))
+    counted = flops.count(model.graph)
+    first = 6 * 4 * 4 * 3 * 3 * 3  # output elements x (Cin x 3 x 3)
+    second = 2 * 4 * 4 * 6  # 1x1 conv
+    assert counted["macs"] == first + second
+    assert counted["flops"] == 2 * (first + second) + 6 * 4 * 4  # + one Relu per element
