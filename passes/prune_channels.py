@@ -44,7 +44,7 @@ class PruneChannels(Pass):
                 )
         if not removed:
             return PassResult(model, changed=False, details={"removed_indices": 0})
-        rewriter = _Rewriter(graph, removed)
+        rewriter = _Rewriter(graph, removed, model.opset)
         rewriter.constants()
         for node in list(graph.nodes):
             rewriter.node(node)
@@ -58,11 +58,13 @@ class PruneChannels(Pass):
 
 
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, removed: dict[Space, set[int]]) -> None:
+    def __init__(self, graph: gs.Graph, removed: dict[Space, set[int]], opset: int) -> None:
         self.graph = graph
         self.removed = removed
         self.tensors = graph.tensors()
         self.written: dict[tuple[str, int], list[int]] = {}
+        self.created: set[str] = set()
+        self.opset = opset
         self.old_shape = {
             name: list(t.shape) for name, t in self.tensors.items() if t.shape is not None
         }
@@ -99,6 +101,15 @@ class _Rewriter:
                 values = np.delete(values, sorted(self.removed[(name, axis)]), axis=axis)
             tensor.values = np.ascontiguousarray(values)
 
+    def fresh_name(self, base: str) -> str:
+        """A tensor name not used in the graph yet (unnamed nodes would otherwise collide)."""
+        name, count = base, 1
+        while name in self.tensors or name in self.created:
+            count += 1
+            name = f"{base}_{count}"
+        self.created.add(name)
+        return name
+
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Give ``node`` new constant values at ``index`` without touching other users."""
         current = node.inputs[index]
@@ -108,7 +119,9 @@ class _Rewriter:
         if len(current.outputs) == 1:
             current.values = values
         else:
-            node.inputs[index] = gs.Constant(f"{current.name}__{node.name}", values)
+            node.inputs[index] = gs.Constant(
+                self.fresh_name(f"{current.name}__{node.name or node.op}"), values
+            )
 
     # -- ops -------------------------------------------------------------------------------
     def node(self, node: gs.Node) -> None:
@@ -193,13 +206,15 @@ class _Rewriter:
         if not any(self.changed(out.name, axis) for out in node.outputs):
             return
         sizes = np.array([self.new_dim(out.name, axis) for out in node.outputs], dtype=np.int64)
-        if "split" in node.attrs:
+        if "split" in node.attrs or self.opset < 13:  # sizes are an attribute before opset 13
             node.attrs["split"] = sizes.tolist()
         elif len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
             self.set_constant(node, 1, sizes)
         else:
             node.attrs.pop("num_outputs", None)
-            node.inputs.append(gs.Constant(f"{node.name}__split", sizes))
+            node.inputs.append(
+                gs.Constant(self.fresh_name(f"{node.name or node.op}__split"), sizes)
+            )
 
     def op_Slice(self, node: gs.Node) -> None:  # noqa: N802
         if len(node.inputs) < 3:
@@ -234,7 +249,8 @@ class _Rewriter:
                 raise PassError(f"Slice '{node.name}': the kept channels are not a slice")
             starts[k], steps[k] = chosen[0], step
             end = chosen[-1] + step
-            ends[k] = end if end >= 0 else np.iinfo(np.int64).min
+            # A negative step ending before index 0: -(size + 1) clamps there in any int type.
+            ends[k] = end if end >= 0 else -(len(kept_in) + 1)
             touched = True
         if touched:
             self.set_constant(node, 1, starts)
@@ -264,7 +280,11 @@ class _Rewriter:
         out = node.outputs[0].name
         if len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant):
             sizes = np.asarray(node.inputs[3].values).reshape(-1).copy()
-            for i in range(len(sizes)):
-                if self.changed(out, i):
-                    sizes[i] = self.new_dim(out, i)
+            rank = len(self.old_shape.get(out, sizes))
+            axes = [
+                int(a) + rank if int(a) < 0 else int(a) for a in node.attrs.get("axes", range(rank))
+            ]
+            for k, axis in enumerate(axes):
+                if self.changed(out, axis):
+                    sizes[k] = self.new_dim(out, axis)
             self.set_constant(node, 3, sizes)

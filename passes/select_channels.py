@@ -29,7 +29,7 @@ def kept_count(group: Group, ratio: float, round_to: int) -> int:
     ``round_to`` where possible, and never empty the group."""
     channels = group.channels
     keep = channels - math.floor(ratio * channels + 1e-9)
-    if round_to > 1:
+    if round_to > 1 and ratio > 0:  # ratio 0 asks to remove nothing, rounding included
         unit = round_to // math.gcd(round_to, group.granularity)
         rounded = max(unit, round(keep / unit) * unit)
         keep = rounded if rounded <= channels else keep

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -231,8 +232,7 @@ def compile_command(
     from spa_compiler.plan import Plan
 
     source, target = pathlib.Path(model), pathlib.Path(output)
-    if target.exists() and source.exists() and target.resolve() == source.resolve() and not force:
-        raise BadInputError(f"{output}: is the input model; choose another output or --force")
+    _check_output_paths(source, output, save_plan, report_path, force)
     if ratio is not None and (target_flops is not None or target_params is not None):
         raise BadInputError("--ratio and a --target-* option exclude each other")
     selecting = ratio is not None or target_flops or target_params or global_ranking
@@ -272,6 +272,47 @@ def compile_command(
         click.echo(f"spa: warning: {warning}", err=True)
     if report.groups_prunable == 0:
         raise click.exceptions.Exit(EXIT_NOTHING_TO_PRUNE)
+
+
+def _input_files(source: pathlib.Path) -> set[pathlib.Path]:
+    """The model file and the external-data files it names (resolved)."""
+    import onnx
+
+    from spa_compiler.ir import iter_tensors
+
+    files = {source.resolve()}
+    try:
+        proto = onnx.load(str(source), load_external_data=False)
+    except Exception:  # unreadable input: the compile itself reports it
+        return files
+    for tensor in iter_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value:
+                files.add((source.parent / entry.value).resolve())
+    return files
+
+
+def _check_output_paths(
+    source: pathlib.Path, output: str, save_plan: str | None, report: str | None, force: bool
+) -> None:
+    """Outputs never overwrite the input model, its external data, or each other."""
+    from spa_compiler.errors import BadInputError
+
+    protected = _input_files(source) if source.is_file() else set()
+    seen: dict[pathlib.Path, str] = {}
+    for option, path in (("-o", output), ("--save-plan", save_plan), ("--report", report)):
+        if not path:
+            continue
+        resolved = pathlib.Path(path).resolve()
+        if resolved in seen:
+            raise BadInputError(f"{option} and {seen[resolved]} name the same file '{path}'")
+        seen[resolved] = option
+        if resolved in protected and not (
+            option == "-o" and force and resolved == source.resolve()
+        ):
+            what = "the input model" if resolved == source.resolve() else "input external data"
+            hint = "; choose another output or --force" if option == "-o" else ""
+            raise BadInputError(f"{option} {path}: is {what}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,3 +163,92 @@ def test_initializer_that_is_a_graph_input_is_not_pruned():
     assert not analysis.prunable
     pruned, _ = spa_compiler.compile(proto, ratio=0.5)
     assert "c0.weight" in {v.name for v in pruned.graph.input}
+
+
+# From a review of the compile path.
+
+
+def test_resize_sizes_follow_the_axes_attribute():
+    b = GraphBuilder(opset=18)
+    x = b.input("x", [1, 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 8, name="c0")])
+    r = b.op("Resize", [h, "", "", b.const("sz", np.array([12, 12]))], mode="nearest", axes=[2, 3])
+    b.output(b.op("GlobalAveragePool", [b.conv(r, 8, 4, name="c1")]))
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_slice_with_int32_bounds_and_negative_step():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 12, name="c0")])
+
+    def bound(name, value):
+        return b.const(name, np.array([value], np.int32))
+
+    s = b.op("Slice", [h, bound("st", -1), bound("en", -100), bound("ax", 1), bound("sp", -1)])
+    b.output(b.conv(s, 12, 4, name="c1"))
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_opset11_split_and_unnamed_nodes():
+    b = GraphBuilder(opset=11)
+    x = b.input("x", [1, 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 8, name="c0")])
+    left, right = b.op("Split", [h], n_out=2, axis=1)
+    b.output(b.op("Add", [b.conv(left, 4, 4, name="d0"), b.conv(right, 4, 4, name="d1")]))
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+    b = GraphBuilder(opset=13)
+    x = b.input("x", [1, 4, 6, 6])
+    for index, channels in enumerate((8, 12)):
+        h = b.op("Relu", [b.conv(x, 4, channels, name=f"c{index}")])
+        parts = b.op("Split", [h], n_out=2, axis=1, name="")
+        b.output(b.conv(parts[0], channels // 2, 2, name=f"p{index}"))
+        b.output(b.conv(parts[1], channels // 2, 2, name=f"q{index}"))
+    proto = b.model()
+    for node in proto.graph.node:
+        if node.op_type == "Split":
+            node.name = ""
+    assert compile_check(proto, 0.5, 0) <= 1e-4
+
+
+def test_head_dimension_pruning_is_exact(exported_model):
+    path = exported_model("llama", "dynamo")
+    assert compile_check(path, 0.5, 0, heads="dim") <= 1e-4
+
+
+def test_round_to_at_ratio_zero_removes_nothing():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 11, name="c0")])
+    b.output(b.conv(h, 11, 2, name="c1"))
+    _, report = spa_compiler.compile(b.model(), ratio=0.0, round_to=8)
+    assert all(not g.removed for g in report.plan.groups)
+
+
+def test_cli_outputs_never_overwrite_the_input(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "in.onnx"
+    shutil.copy("models/digits_cnn.onnx", source)
+    before = source.read_bytes()
+    for extra in (["--save-plan", str(source)], ["--report", str(tmp_path / "o.onnx")]):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spa_compiler",
+                "compile",
+                str(source),
+                "-o",
+                str(tmp_path / "o.onnx"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr
+        assert source.read_bytes() == before
