@@ -115,6 +115,7 @@ class Group:
             "sources": [_describe(m) for m in self.sources],
             "consumers": [_describe(m) for m in self.consumers],
             "params": [_describe(m) for m in self.params],
+            "passthrough": [_describe(m) for m in self.passthrough],
             "members": [m.to_json() for m in self.members],
         }
 
