@@ -11,6 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa_compiler.op_rules import REDUCE_OPS
+
 
 def _numel(shape: list | tuple | None) -> int:
     if shape is None:
@@ -120,23 +122,7 @@ PER_ELEMENT = {
     "DequantizeLinear": 2,
 }
 # Reductions read every input element once.
-PER_INPUT_ELEMENT = {
-    "ReduceMean",
-    "ReduceSum",
-    "ReduceMax",
-    "ReduceMin",
-    "ReduceProd",
-    "ReduceL1",
-    "ReduceL2",
-    "ReduceLogSum",
-    "ReduceLogSumExp",
-    "ReduceSumSquare",
-    "ArgMax",
-    "ArgMin",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "GlobalLpPool",
-}
+PER_INPUT_ELEMENT = set(REDUCE_OPS) | {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 POOLING = {"MaxPool", "AveragePool", "LpPool"}
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
 # No arithmetic: data movement, shape computations, control flow (its sub-graphs are not
