@@ -23,6 +23,15 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def _rss_mb() -> float:
+    """Current resident memory (libraries loaded, before the measured job)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def spa_job(model: str, out: str) -> dict:
     import resource
 
@@ -32,12 +41,15 @@ def spa_job(model: str, out: str) -> dict:
     # Warm up on the tiny shipped model: library imports are not compile time (Torch-Pruning's
     # job likewise imports torch before its clock starts).
     spa_compiler.compile(HERE.parent / "models" / "digits_cnn.onnx", ratio=0.3)
+    baseline = _rss_mb()
     started = time.perf_counter()
     _, report = spa_compiler.compile(path, ratio=0.3, criterion="l1")
     seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline,
         "model_mb": path.stat().st_size / 2**20,
         "params_kept": report.after["parameters"] / report.before["parameters"],
         "macs_kept": report.after["macs"] / report.before["macs"],
@@ -67,6 +79,7 @@ def torch_pruning_job(model: str, out: str) -> dict:
             for projection in (layer.q, layer.k, layer.v):
                 heads[projection] = layer.heads
     before = sum(p.numel() for p in module.parameters())
+    baseline = _rss_mb()
     started = time.perf_counter()
     pruner = tp.pruner.BasePruner(
         module,
@@ -84,6 +97,7 @@ def torch_pruning_job(model: str, out: str) -> dict:
     return {
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "baseline_rss_mb": baseline,
         "params_kept": after / before,
     }
 
