@@ -20,11 +20,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spa_compiler.errors import BadInputError
-from spa_compiler.ir import ANONYMOUS_DIM_PREFIX, Model
+from spa_compiler.ir import ANONYMOUS_DIM_PREFIX, SKELETON_ELEMENTS, Model
 from spa_compiler.pipeline import Pass, PassResult
-
-# Constants above this many elements are weights: inference needs their type, not their data.
-SKELETON_ELEMENTS = 1024
 
 
 def _known_dims(shape: list | tuple | None) -> int:
@@ -41,7 +38,11 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
     try:
         for node in graph.nodes:
             for i, tensor in enumerate(node.inputs):
-                if isinstance(tensor, gs.Constant) and tensor.values.size > SKELETON_ELEMENTS:
+                # The shape, not .values: reading values would load every lazy weight.
+                if (
+                    isinstance(tensor, gs.Constant)
+                    and int(np.prod(tensor.shape, dtype=np.int64)) > SKELETON_ELEMENTS
+                ):
                     if tensor.name not in placeholders:
                         placeholders[tensor.name] = gs.Variable(
                             tensor.name, dtype=tensor.dtype, shape=list(tensor.shape)
@@ -83,7 +84,15 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+            # SymbolicShapeInference.infer_shapes, less its side effect: when inference stays
+            # incomplete it saves "sym_shape_infer_temp.onnx" into the working directory.
+            inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+            complete = False
+            inference._preprocess(proto)
+            while inference.run_:
+                complete = inference._infer_impl()
+            inference._update_output_from_vi()
+            return inference.out_mp_ if complete else None
     except Exception:  # it raises bare exceptions on ops it does not know; ONNX's result stands
         return None
     finally:
