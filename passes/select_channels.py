@@ -76,7 +76,10 @@ class SelectChannels(Pass):
         global_ranking: bool = False,
         max_group_ratio: float = 0.9,
         normalization: str = "mean",
+        scores: dict[int, np.ndarray] | None = None,
     ) -> None:
+        """``scores``: a cache of group scores shared by selections of the same model (a
+        ratio search selects many times; the scores do not depend on the ratio)."""
         if not 0.0 <= ratio < 1.0:
             raise BadInputError(f"ratio must be in [0, 1), not {ratio}")
         if round_to < 1:
@@ -93,15 +96,16 @@ class SelectChannels(Pass):
         self.global_ranking = global_ranking
         self.max_group_ratio = max_group_ratio
         self.normalization = normalization
+        self.scores = {} if scores is None else scores
 
     def call(self, model: Model) -> PassResult:
         groups = list(self.analysis.prunable)
-        scores = [
-            score_group(
-                g, model.graph, self.criterion, self.aggregation, self.seed, self.normalization
-            )
-            for g in groups
-        ]
+        for g in groups:
+            if g.id not in self.scores:
+                self.scores[g.id] = score_group(
+                    g, model.graph, self.criterion, self.aggregation, self.seed, self.normalization
+                )
+        scores = [self.scores[g.id] for g in groups]
         active = [not excluded(g, self.exclude) for g in groups]
         counts: dict[int, int] = {}
         if self.global_ranking:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa_compiler.channel_graph import ChannelGraph, Group
+from spa_compiler.channel_graph import ChannelGraph, Group, is_weight_constant
 from spa_compiler.ir import Model
 from spa_compiler.op_rules import RuleContext, rule_for
 
@@ -67,12 +67,7 @@ def weight_sizes(graph: gs.Graph) -> dict[str, int]:
     data of a DequantizeLinear (quantized weights)."""
     sizes = {}
     for name, tensor in graph.tensors().items():
-        if not isinstance(tensor, gs.Constant):
-            continue
-        quantized = any(
-            node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs
-        )
-        if np.issubdtype(tensor.dtype, np.floating) or quantized:
+        if is_weight_constant(tensor):
             size = int(np.prod(tensor.shape))
             if size > 1:
                 sizes[name] = size

@@ -124,6 +124,18 @@ def _describe(member: Member) -> str:
     return f"{member.tensor}[axis {member.axis}]"
 
 
+def is_weight_constant(tensor: gs.Tensor | None) -> bool:
+    """Floating-point constants are weights, and integer ones a DequantizeLinear reads as
+    data (quantized weights); other integer constants are shapes and indices."""
+    if not isinstance(tensor, gs.Constant):
+        return False
+    if np.issubdtype(tensor.dtype, np.floating):
+        return True
+    return any(
+        node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs
+    )
+
+
 @dataclass
 class ChannelGraph:
     """Channel spaces of one graph, their couplings, blocks and weight roles."""
@@ -136,6 +148,7 @@ class ChannelGraph:
     head_spaces: set[Space] = field(default_factory=set)
     # Shapes of tensors that exist only in the analysis (a reshape's common factors).
     virtual: dict[str, list[int]] = field(default_factory=dict)
+    _constant_only: dict[str, bool] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.tensors = self.graph.tensors()
@@ -157,20 +170,11 @@ class ChannelGraph:
         return dim if isinstance(dim, int) and dim >= 0 else None
 
     def is_weight(self, name: str) -> bool:
-        """Floating-point constants are weights, and integer ones a DequantizeLinear reads as
-        data (quantized weights); other integer constants are shapes and indices."""
-        tensor = self.tensors.get(name)
-        if not isinstance(tensor, gs.Constant):
-            return False
-        if np.issubdtype(tensor.dtype, np.floating):
-            return True
-        return any(
-            node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs
-        )
+        return is_weight_constant(self.tensors.get(name))
 
     def from_constants(self, name: str) -> bool:
         """Whether a tensor is a constant or computed from constants only (no graph input)."""
-        cache = self.__dict__.setdefault("_from_constants", {})
+        cache = self._constant_only
         if name in cache:
             return cache[name]
         tensor = self.tensors.get(name)

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from spa_compiler import flops
 from spa_compiler.analysis import Analysis, weight_sizes
-from spa_compiler.errors import BadInputError, PassError
+from spa_compiler.errors import BadInputError
 from spa_compiler.ir import Model, is_anonymous_dim, model_from_proto, read_model_proto
 from spa_compiler.pipeline import run_passes
 from spa_compiler.plan import Plan, check_plan_matches
@@ -225,6 +225,7 @@ def compile(
     )
     achieved: float | None = None
     if plan is None:
+        scores: dict[int, np.ndarray] = {}
 
         def select(trial_ratio: float) -> Plan:
             selection = SelectChannels(
@@ -238,6 +239,7 @@ def compile(
                 global_ranking,
                 max_group_ratio,
                 normalization,
+                scores,
             )
             return selection(loaded).details["plan"]
 
@@ -318,4 +320,4 @@ def compile(
     return proto, report
 
 
-__all__ = ["PassError", "Report", "compile", "export", "measure"]
+__all__ = ["Report", "compile", "estimate", "export", "measure"]

@@ -172,10 +172,15 @@ NO_ARITHMETIC = {
 }
 
 
-def node_flops(node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _shape_of) -> int:
+def node_flops(
+    node: gs.Node,
+    shape_of: Callable[[gs.Tensor], list | None] = _shape_of,
+    macs: int | None = None,
+) -> int:
     """Floating-point operations of one node: 2 per MAC, per-element costs for the rest, 0 for
-    data movement (Reshape, Transpose, Concat, Slice, Gather...)."""
-    macs = node_macs(node, shape_of)
+    data movement (Reshape, Transpose, Concat, Slice, Gather...). ``macs``: the node's MACs if
+    the caller has them already."""
+    macs = node_macs(node, shape_of) if macs is None else macs
     if macs:
         return 2 * macs
     if not node.outputs:
@@ -195,7 +200,7 @@ def count(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list | None] = _shape
         value = node_macs(node, shape_of)
         if value:
             macs[node.op] += value
-        cost = node_flops(node, shape_of)
+        cost = node_flops(node, shape_of, value)
         if cost:
             flops[node.op] += cost
     return {
