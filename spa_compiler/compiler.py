@@ -86,13 +86,19 @@ class Report:
         return "\n".join(lines)
 
 
+def _nbytes(constant: gs.Constant) -> int:
+    """A constant's size without loading it (counting must not copy every weight)."""
+    values = constant._values  # graphsurgeon has no public accessor that keeps values lazy
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        return int(values.nbytes)
+    return int(np.asarray(values).nbytes)
+
+
 def measure(graph: gs.Graph) -> dict[str, Any]:
     sizes = weight_sizes(graph)
     counted = flops.count(graph)
     nbytes = sum(
-        int(np.asarray(t.values).nbytes)
-        for t in graph.tensors().values()
-        if isinstance(t, gs.Constant)
+        _nbytes(tensor) for tensor in graph.tensors().values() if isinstance(tensor, gs.Constant)
     )
     return {
         "parameters": sum(sizes.values()),
@@ -161,15 +167,23 @@ def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _load(model: Model | onnx.ModelProto | str | os.PathLike[str]) -> tuple[Model, onnx.ModelProto]:
+def _load(
+    model: Model | onnx.ModelProto | str | os.PathLike[str], timings: list[tuple[str, float]]
+) -> tuple[Model, onnx.ModelProto]:
     import spa_compiler
 
     if isinstance(model, Model):
         raise BadInputError("compile takes a path or an onnx.ModelProto (the original model)")
+    started = time.perf_counter()
     # graphsurgeon reads the proto's tensors without changing them, and every rewrite replaces
     # a constant's values instead of writing into them: no copy of the weights is needed.
     original = model if isinstance(model, onnx.ModelProto) else read_model_proto(model)
-    return spa_compiler.prepare(model_from_proto(original)), original
+    imported = model_from_proto(original)
+    timings.append(("load", time.perf_counter() - started))
+    started = time.perf_counter()
+    prepared = spa_compiler.prepare(imported)
+    timings.append(("prepare", time.perf_counter() - started))
+    return prepared, original
 
 
 def compile(
@@ -212,10 +226,10 @@ def compile(
     )
 
     started = time.perf_counter()
-    loaded, original = _load(model)
+    timings: list[tuple[str, float]] = []
+    loaded, original = _load(model, timings)
     before = measure(loaded.graph)
     output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
-    timings: list[tuple[str, float]] = []
 
     analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
     timings += [(name, seconds) for name, _, seconds in analyzed.results]
@@ -272,7 +286,9 @@ def compile(
     after = measure(rewritten.model.graph)
     if target is not None:
         achieved = after[target_key] / max(1, before[target_key])
+    started_export = time.perf_counter()
     proto = export(rewritten.model, original)
+    timings.append(("export", time.perf_counter() - started_export))
     warnings: list[str] = []
     if validate:
         checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
