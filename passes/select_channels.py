@@ -10,7 +10,7 @@ import numpy as np
 
 from spa_compiler.analysis import Analysis
 from spa_compiler.channel_graph import Group
-from spa_compiler.criteria import score_group
+from spa_compiler.criteria import ObsContext, score_group
 from spa_compiler.errors import BadInputError
 from spa_compiler.ir import Model
 from spa_compiler.pipeline import Pass, PassResult
@@ -77,6 +77,7 @@ class SelectChannels(Pass):
         max_group_ratio: float = 0.9,
         normalization: str = "mean",
         scores: dict[int, np.ndarray] | None = None,
+        context: ObsContext | None = None,
     ) -> None:
         """``scores``: a cache of group scores shared by selections of the same model (a
         ratio search selects many times; the scores do not depend on the ratio)."""
@@ -97,13 +98,20 @@ class SelectChannels(Pass):
         self.max_group_ratio = max_group_ratio
         self.normalization = normalization
         self.scores = {} if scores is None else scores
+        self.context = context
 
     def call(self, model: Model) -> PassResult:
         groups = list(self.analysis.prunable)
         for g in groups:
             if g.id not in self.scores:
                 self.scores[g.id] = score_group(
-                    g, model.graph, self.criterion, self.aggregation, self.seed, self.normalization
+                    g,
+                    model.graph,
+                    self.criterion,
+                    self.aggregation,
+                    self.seed,
+                    self.normalization,
+                    self.context,
                 )
         scores = [self.scores[g.id] for g in groups]
         active = [not excluded(g, self.exclude) for g in groups]

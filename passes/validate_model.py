@@ -7,83 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
-from onnx import numpy_helper
 
 from spa_compiler.errors import PassError
-from spa_compiler.ir import Model, check, skeleton
+from spa_compiler.ir import Model, check
 from spa_compiler.pipeline import Pass, PassResult
-
-SYMBOLIC_DIM = 2
-
-
-def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values of each graph input's declared shape (symbolic dims set small)."""
-    rng = np.random.default_rng(seed)
-    initializers = {t.name for t in proto.graph.initializer}
-    feeds = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [
-            d.dim_value if d.HasField("dim_value") else SYMBOLIC_DIM for d in tensor_type.shape.dim
-        ]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if dtype == np.bool_:
-            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)
-        elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
-        else:
-            feeds[value.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
-    return feeds
-
-
-IN_MEMORY = "spa-in-memory-weights"
-
-
-def run_session(
-    proto: onnx.ModelProto,
-    feeds: dict[str, np.ndarray],
-    arrays: dict[str, np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """Run a model in onnxruntime without serializing its large weights: they are handed to
-    the session as external initializers (serializing BERT-base costs seconds and a copy).
-    ``arrays`` supplies weights already in memory by name, saving a decode of the proto."""
-    arrays = arrays or {}
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Output shapes are all validation compares: skip the graph optimizers' start-up cost.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    light = skeleton(proto)
-    inputs = {value.name for value in light.graph.input}
-    names, values = [], []
-    for tensor in proto.graph.initializer:
-        if tensor.name in inputs and tensor.name not in {v.name for v in proto.graph.input}:
-            array = arrays.get(tensor.name)
-            if array is None or array.shape != tuple(tensor.dims):
-                array = numpy_helper.to_array(tensor)
-            reference = onnx.TensorProto(
-                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
-            )
-            reference.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (
-                ("location", IN_MEMORY),
-                ("offset", "0"),
-                ("length", str(array.nbytes)),
-            ):
-                reference.external_data.add(key=key, value=value)
-            light.graph.initializer.append(reference)
-            names.append(tensor.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
-    kept = [value for value in light.graph.input if value.name not in set(names)]
-    del light.graph.input[:]
-    light.graph.input.extend(kept)
-    options.add_external_initializers(names, values)
-    session = ort.InferenceSession(
-        light.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
+from spa_compiler.runtime import random_inputs, run_session
 
 
 class ValidateModel(Pass):

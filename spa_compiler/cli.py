@@ -145,10 +145,31 @@ EXIT_NOTHING_TO_PRUNE = 3
 )
 @click.option(
     "--criterion",
-    type=click.Choice(["l1", "l2", "random", "bn-scale"]),
+    type=click.Choice(["l1", "l2", "random", "bn-scale", "obspa"]),
     default="l1",
     show_default=True,
-    help="Channel importance criterion.",
+    help="Channel importance criterion (obspa: Optimal-Brain-Surgeon error of the consumers, "
+    "which are then refitted on the kept channels).",
+)
+@click.option(
+    "--moments",
+    type=click.Choice(["synthetic", "model"]),
+    default="synthetic",
+    show_default=True,
+    help="obspa without --calib: second moments from synthetic inputs run through "
+    "onnxruntime, or read off the model's parameters.",
+)
+@click.option(
+    "--calib",
+    "calibration",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="An .npz of real inputs (one array per graph input, samples first) for obspa's "
+    "second moments.",
+)
+@click.option(
+    "--compensate/--no-compensate",
+    default=None,
+    help="Refit the consumers of removed channels (default: on with obspa).",
 )
 @click.option(
     "--aggregate",
@@ -160,9 +181,9 @@ EXIT_NOTHING_TO_PRUNE = 3
 @click.option(
     "--normalize",
     type=click.Choice(["mean", "max", "sum", "none"]),
-    default="mean",
-    show_default=True,
-    help="Per-group score normalization (matters with --global).",
+    default=None,
+    help="Per-group score normalization, matters with --global (default: mean; none for "
+    "obspa, whose scores are relative output errors).",
 )
 @click.option(
     "--round-to",
@@ -212,8 +233,11 @@ def compile_command(
     global_ranking: bool,
     max_group_ratio: float,
     criterion: str,
+    moments: str,
+    calibration: str | None,
+    compensate: bool | None,
     aggregate: str,
-    normalize: str,
+    normalize: str | None,
     round_to: int,
     heads: str,
     exclude: tuple[str, ...],
@@ -254,6 +278,9 @@ def compile_command(
         target_flops=target_flops,
         target_params=target_params,
         normalization=normalize,
+        moments=moments,
+        calibration=calibration,
+        compensate=compensate,
     )
     data = proto.SerializeToString()
     if len(data) >= 2**31:

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from spa_compiler import flops
 from spa_compiler.analysis import Analysis, weight_sizes
+from spa_compiler.criteria import ObsContext
 from spa_compiler.errors import BadInputError
 from spa_compiler.ir import Model, is_anonymous_dim, model_from_proto, read_model_proto
 from spa_compiler.pipeline import run_passes
@@ -38,6 +39,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     ratio: float | None = None
     target: dict[str, Any] | None = None
+    statistics: dict[str, Any] | None = None  # second moments and compensation (obspa)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class Report:
             "warnings": self.warnings,
             "ratio": self.ratio,
             "target": self.target,
+            "statistics": self.statistics,
         }
 
     def summary(self) -> str:
@@ -80,6 +83,13 @@ class Report:
             lines.append(
                 f"  target       keep {self.target['fraction']:.3f} of {self.target['metric']}: "
                 f"achieved {self.target['achieved']:.3f} at ratio {self.ratio:.4f}"
+            )
+        if self.statistics is not None:
+            stats = self.statistics
+            lines.append(
+                f"  moments      {stats['source']}: {stats['covered']} of {stats['layers']} "
+                f"consumer layers; {stats.get('refitted', 0)} refitted, "
+                f"{stats.get('biases', 0)} biases compensated"
             )
         lines.append(f"  time         {self.seconds:.2f} s")
         lines.extend(f"  warning: {w}" for w in self.warnings)
@@ -201,7 +211,10 @@ def compile(
     max_group_ratio: float = 0.9,
     target_flops: float | None = None,
     target_params: float | None = None,
-    normalization: str = "mean",
+    normalization: str | None = None,
+    moments: str = "synthetic",
+    calibration: str | os.PathLike[str] | None = None,
+    compensate: bool | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
@@ -210,6 +223,13 @@ def compile(
     instead (at most ``max_group_ratio`` of a group). ``target_flops`` / ``target_params``
     (fractions of the original to keep) search the ratio that reaches them. ``plan`` applies a
     saved plan instead.
+
+    ``criterion="obspa"`` scores channels by the Optimal-Brain-Surgeon error of their
+    consumers under second moments from ``moments`` ("synthetic" inputs run through
+    onnxruntime, or "model": read off the parameters) or from ``calibration`` (an .npz of real
+    inputs), and ``compensate`` (default: on for obspa) refits the consumers on the kept
+    channels. ``normalization`` defaults to "mean", and to "none" for obspa, whose scores are
+    relative output errors already.
     """
     if target_flops is not None and target_params is not None:
         raise BadInputError("give either a FLOPs target or a parameter target, not both")
@@ -218,7 +238,9 @@ def compile(
             raise BadInputError(f"{name} is the fraction to keep, in (0, 1]; not {value}")
     from spa_compiler.passes import (
         AnalyzeChannels,
+        CompensateWeights,
         CompleteShapes,
+        EstimateMoments,
         InferShapes,
         PruneChannels,
         SelectChannels,
@@ -237,6 +259,23 @@ def compile(
     target_key, target = (
         ("macs", target_flops) if target_flops is not None else ("parameters", target_params)
     )
+    uses_obs = (plan.criterion if plan is not None else criterion) == "obspa"
+    compensate = uses_obs if compensate is None else compensate
+    if normalization is None:
+        normalization = "none" if criterion == "obspa" else "mean"
+    statistics: dict[str, Any] = {}
+    context = None
+    if uses_obs or compensate or calibration is not None:
+        estimated = run_passes(
+            loaded, [EstimateMoments(analysis, original, moments, calibration, seed)]
+        )
+        timings += [(name, seconds) for name, _, seconds in estimated.results]
+        statistics = estimated.results[-1][1].details
+        # The greedy OBS order is only needed as deep as a selection may cut: a uniform
+        # ratio needs little beyond it (rounding), a search or global ranking needs it all.
+        searching = plan is None and (target is not None or global_ranking)
+        depth = 1.0 if searching else min(1.0, ratio + 0.1)
+        context = ObsContext(loaded.graph, statistics["moments"], depth)
     achieved: float | None = None
     if plan is None:
         scores: dict[int, np.ndarray] = {}
@@ -254,6 +293,7 @@ def compile(
                 max_group_ratio,
                 normalization,
                 scores,
+                context,
             )
             return selection(loaded).details["plan"]
 
@@ -279,6 +319,10 @@ def compile(
         timings.append(("select-channels", time.perf_counter() - started_select))
     matched = check_plan_matches(plan, analysis)
 
+    if compensate and statistics:
+        compensated = run_passes(loaded, [CompensateWeights(plan, matched, statistics["moments"])])
+        timings += [(name, seconds) for name, _, seconds in compensated.results]
+        statistics.update(compensated.results[-1][1].details)
     rewritten = run_passes(loaded, [PruneChannels(plan, matched), InferShapes(), CompleteShapes()])
     if rewritten.results[-1][1].changed:
         rewritten = run_passes(rewritten.model, [InferShapes()])
@@ -329,6 +373,8 @@ def compile(
         ],
         warnings=warnings,
     )
+    if statistics:
+        report.statistics = {k: v for k, v in statistics.items() if k != "moments"}
     report.ratio = ratio if plan.ratio is not None else None
     report.target = (
         None if target is None else {"metric": target_key, "fraction": target, "achieved": achieved}

@@ -7,13 +7,18 @@ mean, so groups of different sizes can be ranked together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa_compiler import obs
 from spa_compiler.channel_graph import CONSUMER, PARAM, PRODUCER, Group, Member
 from spa_compiler.errors import BadInputError
+from spa_compiler.linear_layers import LayerIndex, LinearLayer
+from spa_compiler.obs import Moments, inverse_hessian
 
-CRITERIA = ("l1", "l2", "random", "bn-scale")
+CRITERIA = ("l1", "l2", "random", "bn-scale", "obspa")
 AGGREGATIONS = ("sum", "mean", "max")
 NORMALIZATIONS = ("mean", "max", "sum", "none")
 
@@ -49,6 +54,62 @@ def _bn_scales(group: Group, graph: gs.Graph) -> list[np.ndarray]:
     return scales
 
 
+class ObsContext:
+    """What OBSPA scoring needs besides the weights: each linear consumer, and the second
+    moments of the activations they read (H⁻¹ computed once per activation)."""
+
+    def __init__(self, graph: gs.Graph, moments: dict[str, Moments], depth: float = 1.0) -> None:
+        """``depth``: the largest fraction of a group's channels a selection may remove (the
+        greedy removal order is computed that far)."""
+        self.layers = LayerIndex(graph)
+        self.moments = moments
+        self.depth = depth
+        self._inverses: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
+
+    def hessian(self, layer: LinearLayer) -> tuple[Callable[[np.ndarray], float], np.ndarray]:
+        """H⁻¹ of the layer's input (augmented for its bias), and a function giving the
+        output energy E‖W x‖² of rows W; the identity where nothing is known about the
+        activation (OBS then reduces to the weights' L2 norm)."""
+        with_bias = layer.bias is not None
+        key = (layer.activation.name, with_bias)
+        stats = self.moments.get(layer.activation.name)
+        known = stats is not None and stats.features == layer.features and stats.count > 0
+        if key not in self._inverses:
+            if known:
+                self._inverses[key] = inverse_hessian(stats.hessian(with_bias))
+            else:
+                self._inverses[key] = np.eye(layer.features + with_bias)
+
+        def energy(rows: np.ndarray) -> float:
+            if not known:
+                return float(np.einsum("rn,rn->", rows, rows))
+            stats.settle()
+            product = rows[:, : stats.features] @ stats.sum_outer
+            return float(np.einsum("rn,rn->", product, rows[:, : stats.features])) / stats.count
+
+        return energy, self._inverses[key]
+
+
+def obspa_scores(group: Group, context: ObsContext) -> np.ndarray:
+    """Greedy OBS removal order over every linear consumer of the group (see ``obs``);
+    scores are relative output errors, comparable across groups. Groups without a linear
+    consumer fall back to the L2 norm of their weights, as a share of the group's total."""
+    layers = []
+    for member in group.consumers:
+        layer = context.layers.find(member)
+        if layer is None:
+            continue
+        energy, inverse = context.hessian(layer)
+        rows = layer.rows()
+        if layer.bias is not None:
+            rows = np.hstack([rows, np.zeros((rows.shape[0], 1))])
+        layers.append(obs.Layer(rows, inverse, member.indices, energy(rows)))
+    if not layers:
+        squares = score_group(group, context.layers.graph, "l2", "sum", 0, "none") ** 2
+        return squares / max(float(squares.sum()), 1e-30)
+    return obs.removal_scores(layers, group.channels, depth=context.depth)
+
+
 def score_group(
     group: Group,
     graph: gs.Graph,
@@ -56,9 +117,12 @@ def score_group(
     aggregation: str = "sum",
     seed: int = 0,
     normalization: str = "mean",
+    context: ObsContext | None = None,
 ) -> np.ndarray:
     """One importance score per channel of ``group``, divided by the group's mean, max or sum
-    (``normalization``) so that groups compare under global ranking."""
+    (``normalization``) so that groups compare under global ranking. ``obspa`` needs the
+    ``context`` of second moments and gives relative errors, already comparable: it is not
+    normalized."""
     if criterion not in CRITERIA:
         raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     if aggregation not in AGGREGATIONS:
@@ -67,6 +131,10 @@ def score_group(
         raise BadInputError(f"unknown normalization {normalization!r}")
     if criterion == "random":
         return np.random.default_rng([seed, group.id]).random(group.channels)
+    if criterion == "obspa":
+        if context is None:
+            raise BadInputError("obspa scores need second moments (an ObsContext)")
+        return obspa_scores(group, context)
     tensors = graph.tensors()
     rows: list[np.ndarray] = []
     if criterion == "bn-scale":

@@ -14,11 +14,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import numpy_helper
-from spa_compiler.passes.validate_model import random_inputs
 
 from spa_compiler.analysis import Analysis
 from spa_compiler.channel_graph import CONSUMER, CONTRACTED, Group
 from spa_compiler.ir import Model
+from spa_compiler.runtime import random_inputs
 
 
 def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict:
@@ -156,6 +156,34 @@ def compile_check(source, ratio: float, seed: int, **options) -> float:
     """Exactness of a compile: the pruned model against the original with the consumer
     weights of every removed channel zeroed, on the same random inputs (relative error)."""
     import spa_compiler
+
+    pruned, report = spa_compiler.compile(
+        source, ratio=ratio, seed=seed, criterion=options.pop("criterion", "random"), **options
+    )
+    zeroed = zero_removed_consumers(source, report.plan)
+    return worst_relative_error(zeroed, pruned, seed)
+
+
+def compensation_check(source, ratio: float, seed: int, **options) -> float:
+    """Exactness with OBS compensation on: the original with the removed channels' consumer
+    weights zeroed, compiled under the same plan with compensation, must not change (the
+    refit of a zero column is zero)."""
+    import spa_compiler
+
+    _, report = spa_compiler.compile(
+        source, ratio=ratio, seed=seed, criterion=options.pop("criterion", "random")
+    )
+    zeroed = zero_removed_consumers(source, report.plan)
+    plan = report.plan
+    plan.criterion = "obspa"
+    pruned, compensated = spa_compiler.compile(zeroed, plan=plan, **options)
+    assert compensated.statistics is not None
+    return worst_relative_error(zeroed, pruned, seed)
+
+
+def zero_removed_consumers(source, plan) -> onnx.ModelProto:
+    """The prepared original with the consumer-side weights of every removed channel zeroed."""
+    import spa_compiler
     from spa_compiler.plan import check_plan_matches
 
     prepared = (
@@ -163,14 +191,11 @@ def compile_check(source, ratio: float, seed: int, **options) -> float:
         if not isinstance(source, onnx.ModelProto)
         else (spa_compiler.from_proto(source))
     )
-    pruned, report = spa_compiler.compile(
-        source, ratio=ratio, seed=seed, criterion=options.pop("criterion", "random"), **options
-    )
-    analysis = spa_compiler.inspect(prepared, heads=report.plan.heads)
-    groups = check_plan_matches(report.plan, analysis)
+    analysis = spa_compiler.inspect(prepared, heads=plan.heads)
+    groups = check_plan_matches(plan, analysis)
     zeroed = prepared.to_onnx()
     values = _values(zeroed)
-    for planned in report.plan.groups:
+    for planned in plan.groups:
         removed = planned.removed
         if not removed:
             continue
@@ -182,6 +207,10 @@ def compile_check(source, ratio: float, seed: int, **options) -> float:
         # Channels only an activation x activation contraction reads (heads="dim"): zero
         # them on one operand of each contraction instead.
         _mask_contractions(prepared, zeroed, groups[planned.group], removed)
+    return zeroed
+
+
+def worst_relative_error(zeroed: onnx.ModelProto, pruned: onnx.ModelProto, seed: int) -> float:
     feeds = random_feeds(zeroed, seed)
     worst = 0.0
     for a, b in zip(run(zeroed, feeds), run(pruned, feeds), strict=True):
