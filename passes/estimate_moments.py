@@ -142,6 +142,13 @@ def calibration_feeds(
     if len(samples) != 1 or 0 in samples:
         raise BadInputError(f"--calib {path}: inputs must share a non-empty first axis")
     types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+    fixed = [
+        v.type.tensor_type.shape.dim[0].dim_value
+        for v in proto.graph.input
+        if v.name in names and v.type.tensor_type.shape.dim
+    ]
+    if fixed and all(fixed):  # a model with a fixed batch takes that many at a time
+        batch = min(fixed)
     count = samples.pop()
     for start in range(0, count, batch):
         yield {

@@ -222,6 +222,10 @@ class _Rewriter:
         x, out = node.inputs[0].name, node.outputs[0].name
         rank = len(self.old_shape.get(x, []))
         constants = [node.inputs[i] if i < len(node.inputs) else None for i in range(1, 5)]
+        if not any(self.changed(x, a) or self.changed(out, a) for a in range(rank)):
+            return  # (bounds may be computed at run time: a sequence cut to its length)
+        if not all(isinstance(c, gs.Constant) for c in constants if c is not None):
+            raise PassError(f"Slice '{node.name}' has run-time bounds on a pruned axis")
         starts, ends = (np.asarray(c.values).reshape(-1).copy() for c in constants[:2])
         axes = (
             np.asarray(constants[2].values).reshape(-1)

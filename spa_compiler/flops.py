@@ -1,10 +1,13 @@
 """Counting multiply-accumulates (MACs) and element operations from a graph's shapes.
 
-Symbolic dims (the batch) count as 1, so figures are per sample.
+Symbolic dims (the batch) count as 1, so figures are per sample; a dim written as an
+expression of them (shape inference's ``floor((1024*w + 1024)/(w + 1))``) is evaluated with
+every symbol at 1, so the same size counts the same before and after a rewrite simplifies it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -14,14 +17,32 @@ import onnx_graphsurgeon as gs
 from spa_compiler.op_rules import REDUCE_OPS
 
 
+@functools.lru_cache(maxsize=4096)
+def _symbolic_dim(dim: str) -> int:
+    if dim.isidentifier() or dim.startswith("?"):
+        return 1
+    try:
+        import sympy
+
+        expression = sympy.sympify(dim, locals={"floor": sympy.floor, "ceiling": sympy.ceiling})
+        value = expression.subs({symbol: 1 for symbol in expression.free_symbols})
+        return max(1, int(value))
+    except (sympy.SympifyError, TypeError, ValueError, SyntaxError):
+        return 1
+
+
+def _dim(dim: object) -> int:
+    return dim if isinstance(dim, int) else _symbolic_dim(str(dim))
+
+
 def _numel(shape: list | tuple | None) -> int:
     if shape is None:
         return 0
-    return int(np.prod([d if isinstance(d, int) else 1 for d in shape], dtype=np.int64))
+    return int(np.prod([_dim(d) for d in shape], dtype=np.int64))
 
 
 def _dims(shape: list | tuple | None) -> list[int]:
-    return [d if isinstance(d, int) else 1 for d in (shape or [])]
+    return [_dim(d) for d in (shape or [])]
 
 
 def _shape_of(tensor: gs.Tensor) -> list | None:
@@ -46,6 +67,13 @@ def node_macs(node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _sha
             return 0
         k = a[0] if node.op == "Gemm" and int(node.attrs.get("transA", 0)) else a[-1]
         return _numel(out) * k
+    if node.op in ("LSTM", "GRU", "RNN") and len(node.inputs) > 2:
+        # Every time step and batch row multiplies the input and the hidden state by every
+        # direction's gate weights W [dirs, gates·hidden, input] and R [dirs, gates·hidden,
+        # hidden].
+        x = _dims(shape_of(node.inputs[0]))
+        steps = x[0] * x[1] if len(x) == 3 else 0
+        return steps * (_numel(shape_of(node.inputs[1])) + _numel(shape_of(node.inputs[2])))
     if node.op == "Einsum":
         equation = node.attrs.get("equation", "")
         equation = equation.decode() if isinstance(equation, bytes) else str(equation)
@@ -124,9 +152,9 @@ PER_ELEMENT = {
 # Reductions read every input element once.
 PER_INPUT_ELEMENT = set(REDUCE_OPS) | {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 POOLING = {"MaxPool", "AveragePool", "LpPool"}
-MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"}
 # No arithmetic: data movement, shape computations, control flow (its sub-graphs are not
-# counted) and recurrent ops (counted as 0: spa never prunes them).
+# counted).
 NO_ARITHMETIC = {
     "Identity",
     "Dropout",
@@ -150,9 +178,6 @@ NO_ARITHMETIC = {
     "If",
     "Loop",
     "Scan",
-    "LSTM",
-    "GRU",
-    "RNN",
     "Floor",
     "Ceil",
     "Round",

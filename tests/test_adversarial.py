@@ -244,3 +244,18 @@ def test_cli_outputs_never_overwrite_the_input(tmp_path):
         )
         assert result.returncode == 2, result.stderr
         assert source.read_bytes() == before
+
+
+def test_a_slice_with_run_time_bounds_elsewhere_does_not_stop_the_rewrite():
+    """A sequence cut to a length computed at run time (transformers' position ids) blocks its
+    own tensor; pruning channels elsewhere must not trip over its non-constant bounds."""
+    b = GraphBuilder()
+    x = b.input("x", ["n", 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 8, name="c0")])
+    b.output(b.conv(h, 8, 4, name="c1"))
+    table = b.input("table", [1, 16])
+    length = b.op("Gather", [b.op("Shape", [x]), b.const("w", np.array([0], np.int64))])
+    cut = b.op("Slice", [table, b.const("zero", np.array([0], np.int64)), length,
+                         b.const("axis", np.array([1], np.int64))])  # fmt: skip
+    b.output(cut)
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4

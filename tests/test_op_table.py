@@ -447,3 +447,21 @@ def test_flops_of_a_small_network():
     second = 2 * 4 * 4 * 6  # 1x1 conv
     assert counted["macs"] == first + second
     assert counted["flops"] == 2 * (first + second) + 6 * 4 * 4  # + one Relu per element
+
+
+def test_flops_of_recurrent_ops_and_expression_dims():
+    import onnx_graphsurgeon as gs
+
+    from spa_compiler import flops
+
+    x = gs.Variable("x", np.float32, [7, 2, 16])  # [steps, batch, input]
+    w = gs.Constant("w", np.zeros((2, 4 * 8, 16), np.float32))  # 2 directions, 4 gates
+    r = gs.Constant("r", np.zeros((2, 4 * 8, 8), np.float32))
+    y = gs.Variable("y", np.float32, [7, 2, 2, 8])
+    lstm = gs.Node("LSTM", inputs=[x, w, r], outputs=[y], attrs={"hidden_size": 8})
+    assert flops.node_macs(lstm) == 7 * 2 * (2 * 32 * 16 + 2 * 32 * 8)
+    # A dim that shape inference left as an expression of a symbol counts as its value at 1.
+    a = gs.Variable("a", np.float32, ["w", "floor((1024*floor(w/2) + 1024)/(floor(w/2) + 1))"])
+    b = gs.Constant("b", np.zeros((1024, 3), np.float32))
+    out = gs.Variable("out", np.float32, ["w", 3])
+    assert flops.node_macs(gs.Node("MatMul", inputs=[a, b], outputs=[out])) == 3 * 1024
