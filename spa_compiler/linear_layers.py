@@ -27,7 +27,7 @@ class LinearLayer:
     activation: gs.Variable
     feature_axis: int  # the activation's contracted axis (negative: from the end)
     bias: gs.Constant | None = None
-    bias_sign: float = 1.0  # -1 for a BatchNormalization mean
+    bias_sign: float = 1.0  # -1 for a BatchNormalization mean; Gemm's alpha otherwise
 
     @property
     def features(self) -> int:
@@ -95,8 +95,11 @@ def _gemm(node: gs.Node, weight: gs.Constant, axis: int) -> LinearLayer | None:
     if axis != (1 if trans_b else 0):
         return None
     layer = LinearLayer(node, weight, axis, 0 if trans_b else 1, node.inputs[0], 1)
-    if len(node.inputs) > 2 and node.inputs[2].name and node.attrs.get("beta", 1.0) == 1.0:
+    beta = float(node.attrs.get("beta", 1.0))
+    if len(node.inputs) > 2 and node.inputs[2].name and beta != 0.0:
+        # y = alpha·A·B + beta·C: a shift of A·B's output moves C by alpha / beta.
         layer.bias = _bias_constant(node.inputs[2], layer.outputs)
+        layer.bias_sign = float(node.attrs.get("alpha", 1.0)) / beta
     return layer
 
 

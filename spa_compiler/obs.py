@@ -78,8 +78,11 @@ class Moments:
             mean = self.sum / count
             second[:n, n] = second[n, :n] = mean
             second[n, n] = 1.0
-        diagonal = np.einsum("ii->i", second)  # a writable view of the diagonal
-        scale = float(diagonal.mean()) if size and diagonal.mean() > 0 else 1.0
+        # Damp the features only: the bias coordinate is a constant, and damping it would pull
+        # the intercept (the mean compensation) towards zero. E[x xᵀ] ⪰ E[x] E[x]ᵀ keeps the
+        # augmented matrix positive definite.
+        diagonal = np.einsum("ii->i", second)[:n]  # a writable view of the features' diagonal
+        scale = float(diagonal.mean()) if n and diagonal.mean() > 0 else 1.0
         diagonal += damping * scale
         return second
 

@@ -4,6 +4,7 @@ report a group prunable that was not, crash, or fold a shape wrongly."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from builder import GraphBuilder
 from onnx import TensorProto, helper, numpy_helper
 from oracle import check_groups, compile_check, random_feeds, run
@@ -259,3 +260,21 @@ def test_a_slice_with_run_time_bounds_elsewhere_does_not_stop_the_rewrite():
                          b.const("axis", np.array([1], np.int64))])  # fmt: skip
     b.output(cut)
     assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_an_output_declared_with_the_wrong_rank_is_kept_with_a_warning(tmp_path):
+    """ddddocr ships a model whose output is declared [1, seqlen] but is [steps, 1, classes]:
+    the rewrite keeps the author's declaration, checks the outputs with onnxruntime against
+    the original's, and says so."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    h = b.op("Relu", [b.conv(x, 4, 8, name="c0")])
+    y = b.conv(h, 8, 4, name="c1")
+    flat = b.op("Reshape", [y, b.const("target", np.array([6, 1, 24], np.int64))])
+    b.output(flat, shape=[1, "seqlen"])
+    path = tmp_path / "declared.onnx"
+    onnx.save(b.model(), path)
+    pruned, report = spa_compiler.compile(path, ratio=0.5)
+    assert any("declared output shapes contradict" in w for w in report.warnings)
+    assert [d.dim_param for d in pruned.graph.output[0].type.tensor_type.shape.dim][1] == "seqlen"
+    assert compile_check(path, 0.5, 0) <= 1e-4
