@@ -67,16 +67,35 @@ def _levenshtein(a: str, b: str) -> int:
     return row[-1]
 
 
+class _SeededSecrets:
+    """The three functions of `secrets` the captcha package uses, from a seeded generator."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choice(self, sequence):
+        return self._rng.choice(sequence)
+
+
 class OcrTask:
     name, kind, metric = "ocr", "residual CNN + BiLSTM (ddddocr)", "char accuracy"
     WIDTH, HEIGHT = 160, 60
 
     def __init__(self, out: pathlib.Path) -> None:
+        import captcha.image
         import ddddocr
         from captcha.image import ImageCaptcha
 
         self.out = out
-        random.seed(0)  # the captcha package draws its noise from `random`
+        # The captcha package draws its noise and warps from `secrets`, which cannot be
+        # seeded: give it a seeded stand-in so every run sees the same images.
+        captcha.image.secrets = _SeededSecrets(0)
         labels_rng = random.Random(1)
         alphabet = string.ascii_lowercase + string.digits
         generator = ImageCaptcha(width=self.WIDTH, height=self.HEIGHT)
