@@ -84,8 +84,17 @@ def _gather_rows(tensor: gs.Tensor) -> int | None:
 
 
 def synthetic_feeds(
-    proto: onnx.ModelProto, graph: gs.Graph, batches: int = BATCHES, seed: int = 0
+    proto: onnx.ModelProto,
+    graph: gs.Graph,
+    batches: int = BATCHES,
+    seed: int = 0,
+    input_range: tuple[float, float] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
+    """``input_range`` (low, high): where the model's float inputs live (pixels in [0, 1],
+    say); image-like fields are spread over it through the normal CDF, other floats drawn
+    uniformly. Without it they are standardized (mean 0, variance 1)."""
+    from scipy.special import ndtr
+
     rng = np.random.default_rng([seed, 7])
     initializers = {t.name for t in proto.graph.initializer}
     tensors = graph.tensors()
@@ -111,7 +120,13 @@ def synthetic_feeds(
                 else:  # attention masks and the like
                     feeds[value.name] = np.ones(shape, dtype=dtype)
             elif len(shape) == 4 and shape[1] <= 4:
-                feeds[value.name] = _smooth_fields(rng, shape).astype(dtype)
+                field = _smooth_fields(rng, shape)
+                if input_range is not None:
+                    low, high = input_range
+                    field = low + (high - low) * ndtr(field)
+                feeds[value.name] = field.astype(dtype)
+            elif input_range is not None:
+                feeds[value.name] = rng.uniform(*input_range, size=shape).astype(dtype)
             else:
                 feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         yield feeds
@@ -215,6 +230,7 @@ class EstimateMoments(Pass):
         source: str = "synthetic",
         calibration: str | pathlib.Path | None = None,
         seed: int = 0,
+        input_range: tuple[float, float] | None = None,
     ) -> None:
         if source not in SOURCES:
             raise BadInputError(
@@ -222,6 +238,9 @@ class EstimateMoments(Pass):
             )
         self.analysis, self.original = analysis, original
         self.source, self.calibration, self.seed = source, calibration, seed
+        if input_range is not None and not float(input_range[0]) < float(input_range[1]):
+            raise BadInputError(f"input range must be LOW,HIGH with LOW < HIGH, not {input_range}")
+        self.input_range = input_range
 
     def call(self, model: Model) -> PassResult:
         layers = consumer_layers(self.analysis, model.graph)
@@ -231,11 +250,13 @@ class EstimateMoments(Pass):
             moments = collect(self.original, feeds, layers, self.seed, what)
             source = "calibration"
         elif self.source == "synthetic":
-            feeds = synthetic_feeds(self.original, model.graph, seed=self.seed)
+            feeds = synthetic_feeds(
+                self.original, model.graph, seed=self.seed, input_range=self.input_range
+            )
             moments = collect(self.original, feeds, layers, self.seed)
             source = "synthetic"
         else:
-            moments = model_moments(model.graph, layers)
+            moments = model_moments(model.graph, layers, self.input_range)
             source = "model"
         covered = sum(1 for layer in layers if layer.activation.name in moments)
         return PassResult(

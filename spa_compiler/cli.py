@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -167,6 +168,12 @@ EXIT_NOTHING_TO_PRUNE = 3
     "second moments.",
 )
 @click.option(
+    "--input-range",
+    metavar="LOW,HIGH",
+    help="Where the model's float inputs live (e.g. 0,1 for pixels scaled to [0, 1]), for "
+    "obspa's synthetic or model moments; default: standardized (mean 0, variance 1).",
+)
+@click.option(
     "--compensate/--no-compensate",
     default=None,
     help="Refit the consumers of removed channels (default: on with obspa).",
@@ -236,6 +243,7 @@ def compile_command(
     moments: str,
     calibration: str | None,
     compensate: bool | None,
+    input_range: str | None,
     aggregate: str,
     normalize: str | None,
     round_to: int,
@@ -281,6 +289,7 @@ def compile_command(
         moments=moments,
         calibration=calibration,
         compensate=compensate,
+        input_range=_parse_range(input_range),
     )
     data = proto.SerializeToString()
     if len(data) >= 2**31:
@@ -299,6 +308,20 @@ def compile_command(
         click.echo(f"spa: warning: {warning}", err=True)
     if report.groups_prunable == 0:
         raise click.exceptions.Exit(EXIT_NOTHING_TO_PRUNE)
+
+
+def _parse_range(text: str | None) -> tuple[float, float] | None:
+    from spa_compiler.errors import BadInputError
+
+    if text is None:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"--input-range takes LOW,HIGH (two numbers), not {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise BadInputError(f"--input-range needs finite LOW < HIGH, not {text!r}")
+    return low, high
 
 
 def _input_files(source: pathlib.Path) -> set[pathlib.Path]:

@@ -215,6 +215,7 @@ def compile(
     moments: str = "synthetic",
     calibration: str | os.PathLike[str] | None = None,
     compensate: bool | None = None,
+    input_range: tuple[float, float] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
@@ -229,7 +230,8 @@ def compile(
     onnxruntime, or "model": read off the parameters) or from ``calibration`` (an .npz of real
     inputs), and ``compensate`` (default: on for obspa) refits the consumers on the kept
     channels. ``normalization`` defaults to "mean", and to "none" for obspa, whose scores are
-    relative output errors already.
+    relative output errors already. ``input_range`` (low, high) says where the model's
+    float inputs live, for synthetic and model moments (default: standardized).
     """
     if target_flops is not None and target_params is not None:
         raise BadInputError("give either a FLOPs target or a parameter target, not both")
@@ -267,7 +269,8 @@ def compile(
     context = None
     if uses_obs or compensate or calibration is not None:
         estimated = run_passes(
-            loaded, [EstimateMoments(analysis, original, moments, calibration, seed)]
+            loaded,
+            [EstimateMoments(analysis, original, moments, calibration, seed, input_range)],
         )
         timings += [(name, seconds) for name, _, seconds in estimated.results]
         statistics = estimated.results[-1][1].details

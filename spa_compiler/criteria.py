@@ -76,7 +76,7 @@ class ObsContext:
         known = stats is not None and stats.features == layer.features and stats.count > 0
         if key not in self._inverses:
             if known:
-                self._inverses[key] = inverse_hessian(stats.hessian(with_bias))
+                self._inverses[key] = inverse_hessian(stats.hessian(with_bias), stats.features)
             else:
                 self._inverses[key] = np.eye(layer.features + with_bias)
 

@@ -129,7 +129,8 @@ def _evaluate(source: gs.Tensor, nodes: list[gs.Node], output: gs.Tensor, z: np.
 
 
 class _Propagator:
-    def __init__(self) -> None:
+    def __init__(self, input_range: tuple[float, float] | None = None) -> None:
+        self.input_range = input_range
         self.memo: dict[tuple[str, int], Stats | None] = {}
         nodes, weights = np.polynomial.hermite_e.hermegauss(POINTS)
         self.nodes, self.weights = nodes, weights / weights.sum()
@@ -208,6 +209,9 @@ class _Propagator:
     def _input(self, tensor: gs.Tensor, axis: int, size: int, depth: int) -> Stats:
         stats = self.activation(tensor, axis, depth + 1)
         if stats is None or stats.mean.shape[0] != size:
+            if self.input_range is not None and not tensor.inputs:  # a graph input
+                low, high = self.input_range
+                return Stats(np.full(size, (low + high) / 2), np.full(size, (high - low) ** 2 / 12))
             return Stats(np.zeros(size), np.ones(size))
         return stats
 
@@ -275,9 +279,14 @@ def _constants(tensors) -> bool:
     return all(isinstance(t, gs.Constant) for t in tensors)
 
 
-def model_moments(graph: gs.Graph, layers: list[LinearLayer]) -> dict[str, Moments]:
-    """Moments of every layer's input activation that the model's parameters determine."""
-    propagator = _Propagator()
+def model_moments(
+    graph: gs.Graph,
+    layers: list[LinearLayer],
+    input_range: tuple[float, float] | None = None,
+) -> dict[str, Moments]:
+    """Moments of every layer's input activation that the model's parameters determine;
+    float graph inputs are uniform over ``input_range`` when it is given."""
+    propagator = _Propagator(input_range)
     moments: dict[str, Moments] = {}
     for layer in layers:
         name = layer.activation.name

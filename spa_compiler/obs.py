@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 DAMPING = 0.01  # fraction of H's mean diagonal added to it (SparseGPT's percdamp)
+# Wider activations keep H block-diagonal in blocks of this many features (cross-block
+# correlations dropped): accumulating and inverting then cost n·BLOCK and n·BLOCK² instead of
+# n² and n³ (an 11008-wide LLaMA MLP: 11 GB·s of BLAS work becomes 4).
+BLOCK = 4096
 
 
 @dataclass
@@ -46,11 +50,19 @@ class Moments:
         from scipy.linalg import blas
 
         rows = np.asfortranarray(samples, dtype=np.float32)
+        n = rows.shape[1]
         if self.pending is None:
-            self.pending = blas.ssyrk(1.0, rows, trans=1, lower=0)
-        else:
-            self.pending = blas.ssyrk(
-                1.0, rows, beta=1.0, c=self.pending, trans=1, lower=0, overwrite_c=1
+            self.pending = np.zeros((n, n), dtype=np.float32, order="F")
+        for start in range(0, n, BLOCK):
+            block = slice(start, min(n, start + BLOCK))
+            self.pending[block, block] = blas.ssyrk(
+                1.0,
+                rows[:, block],
+                beta=1.0,
+                c=self.pending[block, block],
+                trans=1,
+                lower=0,
+                overwrite_c=1,
             )
         self.sum += rows.sum(axis=0, dtype=np.float64)
         self.count += rows.shape[0]
@@ -212,9 +224,31 @@ def refit(rows: np.ndarray, hessian: np.ndarray, removed: np.ndarray) -> np.ndar
     return delta
 
 
-def inverse_hessian(hessian: np.ndarray) -> np.ndarray:
-    """H⁻¹ from a Cholesky factor (H is damped, so positive definite): LAPACK potrf + potri,
-    half the work of a general inverse."""
+def inverse_hessian(hessian: np.ndarray, features: int | None = None) -> np.ndarray:
+    """H⁻¹ from Cholesky factors (H is damped, so positive definite): LAPACK potrf + potri,
+    half the work of a general inverse. Past ``BLOCK`` features H is block-diagonal (see
+    ``Moments.add``), bordered by the bias coordinate after ``features``: the blocks are
+    inverted one by one and the border added by its Schur complement."""
+    features = hessian.shape[0] if features is None else features
+    if features <= BLOCK:
+        return _inverse(hessian)
+    inverse = np.zeros_like(hessian)
+    for start in range(0, features, BLOCK):
+        block = slice(start, min(features, start + BLOCK))
+        inverse[block, block] = _inverse(hessian[block, block])
+    if features == hessian.shape[0]:
+        return inverse
+    core = inverse[:features, :features]
+    border = hessian[:features, features]
+    projected = core @ border
+    schur = float(hessian[features, features] - border @ projected)
+    core += np.outer(projected, projected) / schur
+    inverse[:features, features] = inverse[features, :features] = -projected / schur
+    inverse[features, features] = 1.0 / schur
+    return inverse
+
+
+def _inverse(hessian: np.ndarray) -> np.ndarray:
     from scipy.linalg import lapack
 
     factor, info = lapack.dpotrf(hessian, lower=1)

@@ -238,3 +238,37 @@ def test_compensation_moves_the_mean_into_a_gemm_bias(tmp_path, alpha, beta):
     with_ = run(compensated, {"x": samples})[0]
     np.testing.assert_allclose(with_.mean(axis=0), dense.mean(axis=0), atol=2e-2)
     assert np.mean((with_ - dense) ** 2) < np.mean((without - dense) ** 2)
+
+
+def test_wide_activations_keep_a_block_diagonal_hessian(monkeypatch):
+    monkeypatch.setattr(obs, "BLOCK", 4)
+    x = np.random.default_rng(6).standard_normal((300, 10)) + 1.0
+    stats = Moments.empty(10)
+    stats.add(x)
+    hessian = stats.hessian(with_bias=True)
+    assert not hessian[:4, 4:10].any() and not hessian[4:8, 8:10].any()
+    np.testing.assert_allclose(obs.inverse_hessian(hessian, 10) @ hessian, np.eye(11), atol=1e-10)
+
+
+def test_synthetic_inputs_follow_the_declared_input_range():
+    import onnx
+    from spa_compiler.passes.estimate_moments import synthetic_feeds
+
+    path = MODELS / "digits_cnn.onnx"
+    graph = spa_compiler.load(path).graph
+    default = next(synthetic_feeds(onnx.load(path), graph, batches=1))["image"]
+    assert abs(float(default.mean())) < 0.2 and abs(float(default.std()) - 1.0) < 0.2
+    pixels = next(synthetic_feeds(onnx.load(path), graph, batches=1, input_range=(0.0, 1.0)))
+    assert pixels["image"].min() >= 0.0 and pixels["image"].max() <= 1.0
+    assert pixels["image"].shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("value", ["1,0", "a,b", "0,inf", "3"])
+def test_a_bad_input_range_is_refused(tmp_path, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "spa_compiler", "compile", str(MODELS / "digits_cnn.onnx"),
+         "--criterion", "obspa", "--input-range", value, "-o", str(tmp_path / "out.onnx")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--input-range" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out.onnx").exists()
