@@ -21,7 +21,9 @@ Every model and data set installs offline from this machine's registries:
 
 For each: the dense metric, then ``spa compile --target-flops F`` for F in 0.9/0.8/0.7/0.5
 with l1, l2, random, obspa (synthetic moments), obspa (model moments) and obspa --calib
-(real inputs from data the metric does not use). Writes ``quality.json``, prints a Markdown
+(real inputs from data the metric does not use). The data-free obspa runs are told the
+range of the model's input (``--input-range``: what its preprocessing produces, which whoever
+deploys a model knows), never any data. Writes ``quality.json``, prints a Markdown
 table and saves a plot (metric vs MACs kept).
 """
 
@@ -85,6 +87,7 @@ class _SeededSecrets:
 
 class OcrTask:
     name, kind, metric = "ocr", "residual CNN + BiLSTM (ddddocr)", "char accuracy"
+    input_range = (0.0, 1.0)  # grey levels / 255
     WIDTH, HEIGHT = 160, 60
 
     def __init__(self, out: pathlib.Path) -> None:
@@ -142,6 +145,7 @@ class OcrTask:
 
 class EffnetTask:
     name, kind, metric = "effnet", "mobile CNN, depthwise (EfficientNet-Lite0)", "5-NN accuracy"
+    input_range = (-127 / 128, 1.0)  # (pixel - 127) / 128
     DATA = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
     def __init__(self, out: pathlib.Path) -> None:
@@ -217,6 +221,7 @@ class EffnetTask:
 
 class MinilmTask:
     name, kind, metric = "minilm", "transformer (all-MiniLM-L6-v2)", "Lee similarity Pearson"
+    input_range = None  # token ids
 
     def __init__(self, out: pathlib.Path) -> None:
         import gensim
@@ -312,6 +317,8 @@ def run_task(task, variants: list[str], keeps: tuple[float, ...]) -> list[dict]:
             options = dict(VARIANTS[variant])
             if options.pop("calibration", False):
                 options["calibration"] = calibration
+            elif options["criterion"] == "obspa" and task.input_range is not None:
+                options["input_range"] = task.input_range
             started = time.perf_counter()
             pruned, report = spa_compiler.compile(path, target_flops=keep, **options)
             seconds = time.perf_counter() - started

@@ -46,13 +46,15 @@ class CompensateWeights(Pass):
             stats = None if layer is None else self.moments.get(layer.activation.name)
             if layer is None or stats is None or stats.features != layer.features:
                 continue
+            if not stats.usable:
+                continue
             features = np.array(sorted(removed[key]), dtype=np.int64)
             with_bias = layer.bias is not None
             rows = layer.rows()
             if with_bias:
                 rows = np.hstack([rows, np.zeros((rows.shape[0], 1))])
             delta = refit(rows, stats.hessian(with_bias), features)
-            if not np.any(delta):
+            if not np.any(delta) or not np.isfinite(delta).all():
                 continue
             updated = rows[:, : layer.features] + delta[:, : layer.features]
             layer.weight.values = layer.from_rows(updated)

@@ -134,9 +134,10 @@ def synthetic_feeds(
 
 def calibration_feeds(
     path: str | pathlib.Path, proto: onnx.ModelProto, batch: int = BATCH
-) -> Iterator[dict[str, np.ndarray]]:
+) -> list[dict[str, np.ndarray]]:
     """Batches of real inputs from an .npz file: one array per graph input (or a single
-    array for a single-input model), samples along the first axis."""
+    array for a single-input model), samples along the first axis. Read and checked at
+    once, so a bad file is refused even where no layer needs its statistics."""
     initializers = {t.name for t in proto.graph.initializer}
     names = [v.name for v in proto.graph.input if v.name not in initializers]
     if not pathlib.Path(path).is_file():
@@ -157,6 +158,18 @@ def calibration_feeds(
     if len(samples) != 1 or 0 in samples:
         raise BadInputError(f"--calib {path}: inputs must share a non-empty first axis")
     types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+    for name in names:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name])
+        source = arrays[name]
+        if source.dtype.kind not in "biuf" or (
+            source.dtype.kind == "f" and np.dtype(dtype).kind != "f"
+        ):
+            raise BadInputError(
+                f"--calib {path}: array '{name}' is {source.dtype}, the input takes {dtype}"
+            )
+        if source.dtype.kind == "f" and not np.isfinite(source).all():
+            raise BadInputError(f"--calib {path}: array '{name}' holds inf or NaN")
+        arrays[name] = source.astype(dtype)
     fixed = [
         v.type.tensor_type.shape.dim[0].dim_value
         for v in proto.graph.input
@@ -165,13 +178,16 @@ def calibration_feeds(
     if fixed and all(fixed):  # a model with a fixed batch takes that many at a time
         batch = min(fixed)
     count = samples.pop()
-    for start in range(0, count, batch):
-        yield {
-            name: arrays[name][start : start + batch].astype(
-                onnx.helper.tensor_dtype_to_np_dtype(types[name])
+    if fixed and all(fixed):  # a fixed batch takes whole batches only
+        if count < batch:
+            raise BadInputError(
+                f"--calib {path}: the model takes batches of {batch}; give at least {batch} samples"
             )
-            for name in names
-        }
+        count -= count % batch
+    return [
+        {name: arrays[name][start : start + batch] for name in names}
+        for start in range(0, count, batch)
+    ]
 
 
 def collect(
@@ -195,7 +211,11 @@ def collect(
         (name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wanted[name].activation.dtype)))
         for name in names
     ]
-    runner = session(proto, extra_outputs=extra, optimize=True)
+    try:
+        runner = session(proto, extra_outputs=extra, optimize=True)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BadInputError(f"onnxruntime cannot run the model on {what}: {first}") from None
     rng = np.random.default_rng([seed, 11])
     moments: dict[str, Moments] = {}
     for batch in feeds:
@@ -238,12 +258,15 @@ class EstimateMoments(Pass):
             )
         self.analysis, self.original = analysis, original
         self.source, self.calibration, self.seed = source, calibration, seed
-        if input_range is not None and not float(input_range[0]) < float(input_range[1]):
-            raise BadInputError(f"input range must be LOW,HIGH with LOW < HIGH, not {input_range}")
+        if input_range is not None and not (
+            np.isfinite(input_range).all() and float(input_range[0]) < float(input_range[1])
+        ):
+            raise BadInputError(f"input range must be finite LOW < HIGH, not {input_range}")
         self.input_range = input_range
 
     def call(self, model: Model) -> PassResult:
         layers = consumer_layers(self.analysis, model.graph)
+        warnings: list[str] = []
         if self.calibration is not None:
             feeds = calibration_feeds(self.calibration, self.original)
             what = f"the --calib inputs of {self.calibration}"
@@ -253,8 +276,13 @@ class EstimateMoments(Pass):
             feeds = synthetic_feeds(
                 self.original, model.graph, seed=self.seed, input_range=self.input_range
             )
-            moments = collect(self.original, feeds, layers, self.seed)
             source = "synthetic"
+            try:
+                moments = collect(self.original, feeds, layers, self.seed)
+            except BadInputError as error:  # custom ops, types onnxruntime lacks (bfloat16)
+                moments = model_moments(model.graph, layers, self.input_range)
+                source = "model"
+                warnings.append(f"{error}; second moments read off the model instead")
         else:
             moments = model_moments(model.graph, layers, self.input_range)
             source = "model"
@@ -267,5 +295,6 @@ class EstimateMoments(Pass):
                 "source": source,
                 "layers": len(layers),
                 "covered": covered,
+                "warnings": warnings,
             },
         )

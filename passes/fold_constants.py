@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa_compiler.channel_graph import is_floating
 from spa_compiler.ir import Model
 from spa_compiler.pipeline import Pass, PassResult
 
@@ -24,7 +25,7 @@ def _folds_a_weight(node: gs.Node) -> bool:
     for tensor in node.inputs:
         if (
             isinstance(tensor, gs.Constant)
-            and np.issubdtype(tensor.dtype, np.floating)
+            and is_floating(tensor.dtype)
             and int(np.prod(tensor.shape)) > LARGEST_FOLDED_FLOAT_ELEMENTS
         ):
             return True

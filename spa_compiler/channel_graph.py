@@ -124,12 +124,31 @@ def _describe(member: Member) -> str:
     return f"{member.tensor}[axis {member.axis}]"
 
 
+# ONNX float types numpy lacks (bfloat16, float8, float4): graphsurgeon keeps their number.
+_ONNX_FLOAT_TYPES = {1, 10, 11, 16, 17, 18, 19, 20, 23}
+
+
+def is_floating(dtype: object) -> bool:
+    """Whether a graphsurgeon dtype (numpy dtype, or ONNX type number) is floating point."""
+    if isinstance(dtype, int | np.integer):
+        return int(dtype) in _ONNX_FLOAT_TYPES
+    try:
+        return bool(np.issubdtype(dtype, np.floating))
+    except TypeError:
+        return False
+
+
+def node_key(node: gs.Node) -> str:
+    """How roles name a node: its name, or its op and identity when it has none."""
+    return node.name or f"{node.op}@{id(node)}"
+
+
 def is_weight_constant(tensor: gs.Tensor | None) -> bool:
     """Floating-point constants are weights, and integer ones a DequantizeLinear reads as
     data (quantized weights); other integer constants are shapes and indices."""
     if not isinstance(tensor, gs.Constant):
         return False
-    if np.issubdtype(tensor.dtype, np.floating):
+    if is_floating(tensor.dtype):
         return True
     return any(
         node.op == "DequantizeLinear" and node.inputs[0] is tensor for node in tensor.outputs

@@ -267,13 +267,17 @@ def compile(
         normalization = "none" if criterion == "obspa" else "mean"
     statistics: dict[str, Any] = {}
     context = None
-    if uses_obs or compensate or calibration is not None:
+    warnings: list[str] = []
+    if calibration is not None and not (uses_obs or compensate):
+        warnings.append("--calib is used by obspa and by compensation only: ignored")
+    if uses_obs or compensate:
         estimated = run_passes(
             loaded,
             [EstimateMoments(analysis, original, moments, calibration, seed, input_range)],
         )
         timings += [(name, seconds) for name, _, seconds in estimated.results]
         statistics = estimated.results[-1][1].details
+        warnings += statistics.pop("warnings", [])
         # The greedy OBS order is only needed as deep as a selection may cut: a uniform
         # ratio needs little beyond it (rounding), a search or global ranking needs it all.
         searching = plan is None and (target is not None or global_ranking)
@@ -320,6 +324,14 @@ def compile(
         started_select = time.perf_counter()
         plan = select(ratio)
         timings.append(("select-channels", time.perf_counter() - started_select))
+        if statistics:  # how the moments were made: applying the plan again needs the same
+            plan.metadata["moments"] = statistics["source"]
+            plan.metadata["input_range"] = list(input_range) if input_range else None
+    elif statistics and plan.metadata.get("moments") not in (None, statistics["source"]):
+        warnings.append(
+            f"the plan was made with {plan.metadata['moments']} moments, compensated now with "
+            f"{statistics['source']} ones: the refitted weights differ from the first compile's"
+        )
     matched = check_plan_matches(plan, analysis)
 
     if compensate and statistics:
@@ -336,7 +348,6 @@ def compile(
     started_export = time.perf_counter()
     proto = export(rewritten.model, original)
     timings.append(("export", time.perf_counter() - started_export))
-    warnings: list[str] = []
     if validate:
         checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
         timings += [(name, seconds) for name, _, seconds in checked.results]

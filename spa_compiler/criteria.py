@@ -16,7 +16,7 @@ from spa_compiler import obs
 from spa_compiler.channel_graph import CONSUMER, PARAM, PRODUCER, Group, Member
 from spa_compiler.errors import BadInputError
 from spa_compiler.linear_layers import LayerIndex, LinearLayer
-from spa_compiler.obs import Moments, inverse_hessian
+from spa_compiler.obs import Moments
 
 CRITERIA = ("l1", "l2", "random", "bn-scale", "obspa")
 AGGREGATIONS = ("sum", "mean", "max")
@@ -64,19 +64,19 @@ class ObsContext:
         self.layers = LayerIndex(graph)
         self.moments = moments
         self.depth = depth
-        self._inverses: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self._inverses: dict[tuple[str, int, bool], np.ndarray] = {}
 
     def hessian(self, layer: LinearLayer) -> tuple[Callable[[np.ndarray], float], np.ndarray]:
         """H⁻¹ of the layer's input (augmented for its bias), and a function giving the
         output energy E‖W x‖² of rows W; the identity where nothing is known about the
         activation (OBS then reduces to the weights' L2 norm)."""
         with_bias = layer.bias is not None
-        key = (layer.activation.name, with_bias)
+        key = (layer.activation.name, layer.features, with_bias)
         stats = self.moments.get(layer.activation.name)
-        known = stats is not None and stats.features == layer.features and stats.count > 0
+        known = stats is not None and stats.features == layer.features and stats.usable
         if key not in self._inverses:
             if known:
-                self._inverses[key] = inverse_hessian(stats.hessian(with_bias), stats.features)
+                self._inverses[key] = stats.inverse(with_bias)
             else:
                 self._inverses[key] = np.eye(layer.features + with_bias)
 
@@ -94,6 +94,11 @@ def obspa_scores(group: Group, context: ObsContext) -> np.ndarray:
     """Greedy OBS removal order over every linear consumer of the group (see ``obs``);
     scores are relative output errors, comparable across groups. Groups without a linear
     consumer fall back to the L2 norm of their weights, as a share of the group's total."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _obspa_scores(group, context)
+
+
+def _obspa_scores(group: Group, context: ObsContext) -> np.ndarray:
     layers = []
     for member in group.consumers:
         layer = context.layers.find(member)

@@ -10,12 +10,13 @@ that BatchNormalization's mean (with the opposite sign).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa_compiler.channel_graph import CONSUMER, Member
+from spa_compiler.channel_graph import CONSUMER, Member, is_floating, node_key
 
 
 @dataclass
@@ -64,7 +65,7 @@ def _bias_constant(tensor: gs.Tensor, outputs: int) -> gs.Constant | None:
     if (
         isinstance(tensor, gs.Constant)
         and _single_reader(tensor)
-        and np.issubdtype(tensor.dtype, np.floating)
+        and is_floating(tensor.dtype)
         and int(np.prod(tensor.shape)) == outputs
         and (len(tensor.shape) == 0 or tensor.shape[-1] == outputs)
     ):
@@ -124,13 +125,15 @@ class LayerIndex:
     def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
         self.tensors = graph.tensors()
-        self.nodes = {node.name: node for node in graph.nodes if node.name}
+        keys = Counter(node_key(node) for node in graph.nodes)
+        # a name two nodes share says nothing about which one a role means
+        self.nodes = {node_key(n): n for n in graph.nodes if keys[node_key(n)] == 1}
 
     def find(self, member: Member) -> LinearLayer | None:
         tensor = self.tensors.get(member.tensor)
         if not isinstance(tensor, gs.Constant) or not _single_reader(tensor):
             return None
-        if not np.issubdtype(tensor.dtype, np.floating):
+        if not is_floating(tensor.dtype):
             return None
         for role, node_name in member.roles:
             node = self.nodes.get(node_name)

@@ -169,12 +169,14 @@ class _Propagator:
             scale, bias = (np.asarray(t.values, np.float64).reshape(-1) for t in node.inputs[1:3])
             return Stats(bias, np.square(scale))
         if op == "LayerNormalization" and axis == -1 and node.attrs.get("axis", -1) == -1:
+            if not _constants(node.inputs[1:2]):
+                return None
             scale = np.asarray(node.inputs[1].values, np.float64).reshape(-1)
             if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
                 bias = np.asarray(node.inputs[2].values, np.float64).reshape(-1)
             else:
                 bias = np.zeros_like(scale)
-            return Stats(bias, np.square(scale)) if _constants(node.inputs[1:2]) else None
+            return Stats(bias, np.square(scale))
         if op == "Gather" and axis == -1 and isinstance(node.inputs[0], gs.Constant):
             table = np.asarray(node.inputs[0].values, np.float64)
             if table.ndim != 2 or node.attrs.get("axis", 0) != 0:

@@ -31,25 +31,39 @@ BLOCK = 4096
 
 @dataclass
 class Moments:
-    """Second moment and mean of one activation's features, accumulated over samples."""
+    """Second moment and mean of one activation's features, accumulated over samples.
+
+    Up to ``BLOCK`` features H is dense. Wider activations keep the second moments of
+    diagonal blocks only, and H = blockdiag(Cov_b) + μμᵀ: cross-block covariances are
+    dropped, the means' outer product is not (dropping it would leave H indefinite once a
+    bias border is added)."""
 
     sum_outer: np.ndarray  # Σ x xᵀ, float64 [n, n] (symmetric once ``settle`` ran)
     sum: np.ndarray  # Σ x, float64 [n]
     count: int
     pending: np.ndarray | None = None  # float32 upper triangle not yet folded in
+    skipped: int = 0  # samples dropped for holding inf or NaN
 
     @classmethod
     def empty(cls, features: int) -> Moments:
         return cls(np.zeros((features, features)), np.zeros(features), 0)
 
     def add(self, samples: np.ndarray) -> None:
-        """``samples``: [rows, features]."""
+        """``samples``: [rows, features]; rows with inf or NaN are dropped (counted)."""
         # Products in float32 by a symmetric rank-k update into one Fortran-ordered buffer
         # (BLAS ssyrk: a quarter of a float64 gemm's time, no temporaries); folded into the
         # float64 sum once, when H is asked for.
         from scipy.linalg import blas
 
-        rows = np.asfortranarray(samples, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = np.asarray(samples, dtype=np.float32)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            self.skipped += int((~finite).sum())
+            rows = rows[finite]
+        if rows.shape[0] == 0:
+            return
+        rows = np.asfortranarray(rows)
         n = rows.shape[1]
         if self.pending is None:
             self.pending = np.zeros((n, n), dtype=np.float32, order="F")
@@ -78,25 +92,77 @@ class Moments:
     def features(self) -> int:
         return int(self.sum.shape[0])
 
-    def hessian(self, with_bias: bool, damping: float = DAMPING) -> np.ndarray:
-        """E[x xᵀ] (augmented with the means and a constant 1 when ``with_bias``), damped."""
+    @property
+    def usable(self) -> bool:
+        """Samples were seen and every sum is finite (float32 products can overflow)."""
+        self.settle()
+        return (
+            self.count > 0 and bool(np.isfinite(self.sum).all())
+            and bool(np.isfinite(self.sum_outer).all())
+        )  # fmt: skip
+
+    def _covariance_blocks(self, damping: float) -> tuple[list[np.ndarray], np.ndarray, float]:
+        """Damped covariance of each diagonal block, the mean, and the damping added."""
         self.settle()
         count = max(self.count, 1)
+        mean = self.sum / count
+        n = self.features
+        blocks = []
+        for start in range(0, n, BLOCK):
+            block = slice(start, min(n, start + BLOCK))
+            blocks.append(self.sum_outer[block, block] / count - np.outer(mean[block], mean[block]))
+        second_diagonal = np.concatenate([np.diag(c) for c in blocks]) + np.square(mean)
+        scale = float(second_diagonal.mean()) if n and second_diagonal.mean() > 0 else 1.0
+        for covariance in blocks:
+            np.einsum("ii->i", covariance)[:] += damping * scale
+        return blocks, mean, damping * scale
+
+    def hessian(self, with_bias: bool, damping: float = DAMPING) -> np.ndarray:
+        """E[x xᵀ] (augmented with the means and a constant 1 when ``with_bias``), damped on
+        the features only: damping the constant coordinate would pull the intercept (the
+        mean compensation) towards zero; E[x xᵀ] ⪰ E[x] E[x]ᵀ keeps it positive definite."""
         n = self.features
         size = n + 1 if with_bias else n
         second = np.empty((size, size))
-        np.divide(self.sum_outer, count, out=second[:n, :n])
-        if with_bias:
+        if n <= BLOCK:
+            self.settle()
+            count = max(self.count, 1)
+            np.divide(self.sum_outer, count, out=second[:n, :n])
             mean = self.sum / count
+            diagonal = np.einsum("ii->i", second)[:n]  # a writable view
+            scale = float(diagonal.mean()) if n and diagonal.mean() > 0 else 1.0
+            diagonal += damping * scale
+        else:
+            blocks, mean, _ = self._covariance_blocks(damping)
+            np.multiply.outer(mean, mean, out=second[:n, :n])
+            for start, covariance in zip(range(0, n, BLOCK), blocks, strict=True):
+                block = slice(start, start + covariance.shape[0])
+                second[block, block] += covariance
+        if with_bias:
             second[:n, n] = second[n, :n] = mean
             second[n, n] = 1.0
-        # Damp the features only: the bias coordinate is a constant, and damping it would pull
-        # the intercept (the mean compensation) towards zero. E[x xᵀ] ⪰ E[x] E[x]ᵀ keeps the
-        # augmented matrix positive definite.
-        diagonal = np.einsum("ii->i", second)[:n]  # a writable view of the features' diagonal
-        scale = float(diagonal.mean()) if n and diagonal.mean() > 0 else 1.0
-        diagonal += damping * scale
         return second
+
+    def inverse(self, with_bias: bool, damping: float = DAMPING) -> np.ndarray:
+        """H⁻¹ of ``hessian``: by Cholesky up to ``BLOCK`` features; past it from the
+        blocks' inverses C⁻¹ and the mean (Sherman-Morrison, or the bordered form
+        [[C⁻¹, −C⁻¹μ], [−μᵀC⁻¹, 1 + μᵀC⁻¹μ]] with a bias)."""
+        n = self.features
+        if n <= BLOCK:
+            return inverse_hessian(self.hessian(with_bias, damping))
+        blocks, mean, _ = self._covariance_blocks(damping)
+        size = n + 1 if with_bias else n
+        inverse = np.zeros((size, size))
+        for start, covariance in zip(range(0, n, BLOCK), blocks, strict=True):
+            block = slice(start, start + covariance.shape[0])
+            inverse[block, block] = inverse_hessian(covariance)
+        projected = inverse[:n, :n] @ mean
+        if with_bias:
+            inverse[:n, n] = inverse[n, :n] = -projected
+            inverse[n, n] = 1.0 + float(mean @ projected)
+        else:
+            inverse[:n, :n] -= np.outer(projected, projected) / (1.0 + float(mean @ projected))
+        return inverse
 
 
 def block_errors(rows: np.ndarray, inverse: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -224,31 +290,9 @@ def refit(rows: np.ndarray, hessian: np.ndarray, removed: np.ndarray) -> np.ndar
     return delta
 
 
-def inverse_hessian(hessian: np.ndarray, features: int | None = None) -> np.ndarray:
-    """H⁻¹ from Cholesky factors (H is damped, so positive definite): LAPACK potrf + potri,
-    half the work of a general inverse. Past ``BLOCK`` features H is block-diagonal (see
-    ``Moments.add``), bordered by the bias coordinate after ``features``: the blocks are
-    inverted one by one and the border added by its Schur complement."""
-    features = hessian.shape[0] if features is None else features
-    if features <= BLOCK:
-        return _inverse(hessian)
-    inverse = np.zeros_like(hessian)
-    for start in range(0, features, BLOCK):
-        block = slice(start, min(features, start + BLOCK))
-        inverse[block, block] = _inverse(hessian[block, block])
-    if features == hessian.shape[0]:
-        return inverse
-    core = inverse[:features, :features]
-    border = hessian[:features, features]
-    projected = core @ border
-    schur = float(hessian[features, features] - border @ projected)
-    core += np.outer(projected, projected) / schur
-    inverse[:features, features] = inverse[features, :features] = -projected / schur
-    inverse[features, features] = 1.0 / schur
-    return inverse
-
-
-def _inverse(hessian: np.ndarray) -> np.ndarray:
+def inverse_hessian(hessian: np.ndarray) -> np.ndarray:
+    """H⁻¹ from a Cholesky factor (H is damped, so positive definite): LAPACK potrf + potri,
+    half the work of a general inverse."""
     from scipy.linalg import lapack
 
     factor, info = lapack.dpotrf(hessian, lower=1)

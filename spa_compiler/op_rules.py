@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa_compiler.channel_graph import CONSUMER, CONTRACTED, PARAM, PRODUCER, ChannelGraph, Space
+from spa_compiler.channel_graph import (
+    CONSUMER,
+    CONTRACTED,
+    PARAM,
+    PRODUCER,
+    ChannelGraph,
+    Space,
+    node_key,
+)
 
 Rule = Callable[["RuleContext"], None]
 RULES: dict[str, Rule] = {}
@@ -41,7 +49,7 @@ class RuleContext:
         self.channels = channels
         self.node = node
         self.opset = opset
-        self.name = node.name or f"{node.op}@{id(node)}"
+        self.name = node_key(node)
         self.covered: set[Space] = set()
 
     # -- tensors --------------------------------------------------------------------------

@@ -278,3 +278,33 @@ def test_an_output_declared_with_the_wrong_rank_is_kept_with_a_warning(tmp_path)
     assert any("declared output shapes contradict" in w for w in report.warnings)
     assert [d.dim_param for d in pruned.graph.output[0].type.tensor_type.shape.dim][1] == "seqlen"
     assert compile_check(path, 0.5, 0) <= 1e-4
+
+
+def test_bfloat16_weights_are_weights(tmp_path):
+    """numpy has no bfloat16: graphsurgeon keeps ONNX's type number, which spa must still
+    read as floating point (it crashed every criterion)."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        values = (rng.standard_normal(shape) * 0.5).astype(np.float32).reshape(-1).tolist()
+        return helper.make_tensor(name, TensorProto.BFLOAT16, shape, values)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1"),
+        helper.make_node("Relu", ["h"], ["r"], name="r"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="g2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n", 8])],
+        [weight("w1", [16, 32]), weight("b1", [32]), weight("w2", [32, 8]), weight("b2", [8])],
+    )
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    for options in ({"criterion": "l1"}, {"criterion": "obspa"}):
+        pruned, _ = spa_compiler.compile(path, ratio=0.5, **options)
+        dims = {t.name: list(t.dims) for t in pruned.graph.initializer}
+        assert dims["w1"] == [16, 16] and dims["w2"] == [16, 8]
+        assert all(t.data_type == TensorProto.BFLOAT16 for t in pruned.graph.initializer)

@@ -246,8 +246,14 @@ def test_wide_activations_keep_a_block_diagonal_hessian(monkeypatch):
     stats = Moments.empty(10)
     stats.add(x)
     hessian = stats.hessian(with_bias=True)
-    assert not hessian[:4, 4:10].any() and not hessian[4:8, 8:10].any()
-    np.testing.assert_allclose(obs.inverse_hessian(hessian, 10) @ hessian, np.eye(11), atol=1e-10)
+    mean = x.mean(axis=0)
+    np.testing.assert_allclose(hessian[:4, 4:8], np.outer(mean[:4], mean[4:8]), rtol=1e-6)
+    np.testing.assert_allclose(stats.inverse(with_bias=True) @ hessian, np.eye(11), atol=1e-10)
+    plain = stats.hessian(with_bias=False)
+    np.testing.assert_allclose(stats.inverse(with_bias=False) @ plain, np.eye(10), atol=1e-10)
+    # the covariance is block-diagonal, the means' outer product is kept: H stays positive
+    # definite with the bias border (dropping μ_b μ_cᵀ across blocks made it indefinite)
+    assert np.linalg.eigvalsh(hessian).min() > 0
 
 
 def test_synthetic_inputs_follow_the_declared_input_range():
@@ -272,3 +278,61 @@ def test_a_bad_input_range_is_refused(tmp_path, value):
     )  # fmt: skip
     assert done.returncode == 2 and "--input-range" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out.onnx").exists()
+
+
+def _mlp(path, first_op: str | None = None, names: bool = True) -> pathlib.Path:
+    import onnx
+    from builder import GraphBuilder
+
+    b = GraphBuilder()
+    x = b.input("x", ["n", 16])
+    source = b.op(first_op, [x]) if first_op else x
+    gemm = b.op("Gemm", [source, b.weight("w1", [16, 32]), b.weight("b1", [32])])
+    b.output(b.op("Gemm", [b.op("Relu", [gemm]), b.weight("w2", [32, 8]), b.weight("b2", [8])]))
+    proto = b.model()
+    if not names:
+        for node in proto.graph.node:
+            node.name = ""
+    onnx.save(proto, path)
+    return path
+
+
+def test_non_finite_activations_never_reach_the_weights(tmp_path):
+    """Log of standard-normal synthetic inputs is NaN for half of them: those samples are
+    dropped, and a compensation that would not be finite is not applied."""
+    path = _mlp(tmp_path / "log.onnx", first_op="Log")
+    assert compensation_check(path, 0.5, 0) <= 1e-4
+    pruned, _ = spa_compiler.compile(path, ratio=0.5, criterion="obspa")
+    import onnx
+
+    for tensor in pruned.graph.initializer:
+        assert np.isfinite(onnx.numpy_helper.to_array(tensor)).all(), tensor.name
+
+
+def test_unnamed_nodes_are_scored_and_refitted(tmp_path):
+    path = _mlp(tmp_path / "unnamed.onnx", names=False)
+    _, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa")
+    assert report.statistics["layers"] == 1 and report.statistics["refitted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.full((8, 16), np.nan, np.float32)}, "inf or NaN"),
+        ({"x": np.array([["a"] * 16] * 8)}, "the input takes"),
+        ({"x": np.zeros((0, 16), np.float32)}, "non-empty first axis"),
+    ],
+)
+def test_bad_calibration_arrays_are_refused(tmp_path, arrays, message):
+    path = _mlp(tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "calib.npz", **arrays)
+    with pytest.raises(spa_compiler.BadInputError, match=message):
+        spa_compiler.compile(path, ratio=0.5, criterion="obspa", calibration=tmp_path / "calib.npz")
+
+
+def test_calibration_with_a_magnitude_criterion_is_ignored_with_a_warning(tmp_path):
+    path = _mlp(tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.zeros((8, 16), np.float32))
+    _, report = spa_compiler.compile(path, ratio=0.5, calibration=tmp_path / "calib.npz")
+    assert report.statistics is None
+    assert any("--calib is used by obspa" in w for w in report.warnings)
