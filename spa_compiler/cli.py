@@ -147,7 +147,7 @@ EXIT_NOTHING_TO_PRUNE = 3
 @click.option(
     "--criterion",
     type=click.Choice(["l1", "l2", "random", "bn-scale", "obspa"]),
-    default="l1",
+    default="obspa",
     show_default=True,
     help="Channel importance criterion (obspa: Optimal-Brain-Surgeon error of the consumers, "
     "which are then refitted on the kept channels).",

@@ -199,7 +199,7 @@ def _load(
 def compile(
     model: onnx.ModelProto | str | os.PathLike[str],
     ratio: float = 0.3,
-    criterion: str = "l1",
+    criterion: str = "obspa",
     aggregation: str = "sum",
     round_to: int = 1,
     exclude: Sequence[str] = (),

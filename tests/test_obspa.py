@@ -333,6 +333,8 @@ def test_bad_calibration_arrays_are_refused(tmp_path, arrays, message):
 def test_calibration_with_a_magnitude_criterion_is_ignored_with_a_warning(tmp_path):
     path = _mlp(tmp_path / "mlp.onnx")
     np.savez(tmp_path / "calib.npz", x=np.zeros((8, 16), np.float32))
-    _, report = spa_compiler.compile(path, ratio=0.5, calibration=tmp_path / "calib.npz")
+    _, report = spa_compiler.compile(
+        path, ratio=0.5, criterion="l1", calibration=tmp_path / "calib.npz"
+    )
     assert report.statistics is None
     assert any("--calib is used by obspa" in w for w in report.warnings)
