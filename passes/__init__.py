@@ -8,6 +8,7 @@ from spa_compiler.passes.fold_constants import FoldConstants
 from spa_compiler.passes.infer_shapes import InferShapes
 from spa_compiler.passes.prune_channels import PruneChannels
 from spa_compiler.passes.select_channels import SelectChannels
+from spa_compiler.passes.sparsify_nm import SparsifyNM
 from spa_compiler.passes.validate_model import ValidateModel
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "InferShapes",
     "PruneChannels",
     "SelectChannels",
+    "SparsifyNM",
     "ValidateModel",
 ]

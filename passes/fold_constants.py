@@ -22,6 +22,8 @@ LARGEST_FOLDED_FLOAT_ELEMENTS = 4096
 
 
 def _folds_a_weight(node: gs.Node) -> bool:
+    if node.op == "DequantizeLinear":  # folding would store a quantized weight as float
+        return True
     for tensor in node.inputs:
         if (
             isinstance(tensor, gs.Constant)

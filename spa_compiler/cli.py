@@ -230,6 +230,31 @@ EXIT_NOTHING_TO_PRUNE = 3
     type=click.Path(dir_okay=False, path_type=str),
     help="Write the report as JSON.",
 )
+@click.option(
+    "--nm",
+    "nm_pattern",
+    metavar="N:M",
+    help="Then make Conv/Gemm/MatMul weights N:M sparse along their reduction axis (2:4, "
+    "4:8, ...; M in 4, 8, 16). Alone it prunes no channels.",
+)
+@click.option(
+    "--nm-method",
+    type=click.Choice(["obs", "magnitude"]),
+    default="obs",
+    show_default=True,
+    help="N:M masks by SparseGPT-style OBS (with weight updates) or by magnitude.",
+)
+@click.option(
+    "--nm-exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Keep weights or nodes matching this glob dense (repeatable).",
+)
+@click.option(
+    "--export-compressed",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="With --nm: write the sparse weights compressed (values + positions) as .npz.",
+)
 @click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
 def compile_command(
     model: str,
@@ -253,6 +278,10 @@ def compile_command(
     plan_path: str | None,
     save_plan: str | None,
     report_path: str | None,
+    nm_pattern: str | None,
+    nm_method: str,
+    nm_exclude: tuple[str, ...],
+    export_compressed: str | None,
     force: bool,
 ) -> None:
     """Prune MODEL structurally and write a valid, smaller ONNX model to OUTPUT."""
@@ -264,13 +293,18 @@ def compile_command(
     from spa_compiler.plan import Plan
 
     source, target = pathlib.Path(model), pathlib.Path(output)
-    _check_output_paths(source, output, save_plan, report_path, force)
+    _check_output_paths(source, output, save_plan, report_path, force, export_compressed)
+    pattern = _parse_pattern(nm_pattern)
+    if export_compressed and pattern is None:
+        raise BadInputError("--export-compressed needs --nm")
     if ratio is not None and (target_flops is not None or target_params is not None):
         raise BadInputError("--ratio and a --target-* option exclude each other")
     selecting = ratio is not None or target_flops or target_params or global_ranking
     if plan_path and selecting:
         raise BadInputError("--plan fixes every kept channel; drop the selection options")
     plan = Plan.load(plan_path) if plan_path else None
+    if ratio is None and not selecting and plan_path is None:
+        ratio = 0.0 if pattern is not None else 0.3  # --nm alone removes no channel
     proto, report = compile_model(
         model,
         ratio=0.3 if ratio is None else ratio,
@@ -290,6 +324,9 @@ def compile_command(
         calibration=calibration,
         compensate=compensate,
         input_range=_parse_range(input_range),
+        nm=pattern,
+        nm_method=nm_method,
+        nm_exclude=nm_exclude,
     )
     data = proto.SerializeToString()
     if len(data) >= 2**31:
@@ -302,12 +339,58 @@ def compile_command(
     if report_path:
         text = json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n"
         write_atomic(pathlib.Path(report_path), text.encode())
+    if export_compressed:
+        from spa_compiler.nm import compressed_archive
+
+        write_atomic(pathlib.Path(export_compressed), compressed_archive(proto, report.nm))
     click.echo(report.summary())
     click.echo(f"wrote {output}")
     for warning in report.warnings:
         click.echo(f"spa: warning: {warning}", err=True)
-    if report.groups_prunable == 0:
+    if report.groups_prunable == 0 and not (report.nm and report.nm["applied"]):
         raise click.exceptions.Exit(EXIT_NOTHING_TO_PRUNE)
+
+
+@cli.command(name="verify-nm")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--nm", "nm_pattern", required=True, metavar="N:M", help="The pattern, e.g. 2:4.")
+def verify_nm(model: str, nm_pattern: str) -> None:
+    """Check that every eligible weight of MODEL is N:M sparse; exit 1 on any violation."""
+    from spa_compiler.ir import load_model
+    from spa_compiler.nm import weight_violations
+    from spa_compiler.passes.sparsify_nm import find_targets
+
+    n, m = _parse_pattern(nm_pattern)
+    found = find_targets(load_model(model).graph, m)
+    rows, bad = [], 0
+    for target in found.targets:
+        groups, violations = weight_violations(target, n, m)
+        bad += violations > 0
+        status = "ok" if not violations else f"{violations} of {groups} groups over {n}"
+        rows.append(
+            [target.constant.name, str(list(target.constant.shape)), str(target.axis), status]
+        )
+    rows += [[name, "-", "-", f"not eligible: {why}"] for name, why in found.skipped]
+    click.echo(format_table(rows, ["weight", "shape", "axis", f"{n}:{m}"]))
+    click.echo(f"{len(found.targets) - bad} of {len(found.targets)} eligible weights are {n}:{m}")
+    if bad:
+        raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+def _parse_pattern(text: str | None) -> tuple[int, int] | None:
+    from spa_compiler.errors import BadInputError
+    from spa_compiler.nm import check_pattern
+
+    if text is None:
+        return None
+    try:
+        n, m = (int(part) for part in text.split(":"))
+        check_pattern(n, m)
+    except ValueError:
+        raise BadInputError(
+            f"--nm takes N:M with M in 4, 8, 16 and 0 < N < M, not {text!r}"
+        ) from None
+    return n, m
 
 
 def _parse_range(text: str | None) -> tuple[float, float] | None:
@@ -343,14 +426,24 @@ def _input_files(source: pathlib.Path) -> set[pathlib.Path]:
 
 
 def _check_output_paths(
-    source: pathlib.Path, output: str, save_plan: str | None, report: str | None, force: bool
+    source: pathlib.Path,
+    output: str,
+    save_plan: str | None,
+    report: str | None,
+    force: bool,
+    compressed: str | None = None,
 ) -> None:
     """Outputs never overwrite the input model, its external data, or each other."""
     from spa_compiler.errors import BadInputError
 
     protected = _input_files(source) if source.is_file() else set()
     seen: dict[pathlib.Path, str] = {}
-    for option, path in (("-o", output), ("--save-plan", save_plan), ("--report", report)):
+    for option, path in (
+        ("-o", output),
+        ("--save-plan", save_plan),
+        ("--report", report),
+        ("--export-compressed", compressed),
+    ):
         if not path:
             continue
         resolved = pathlib.Path(path).resolve()

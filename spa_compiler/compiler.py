@@ -40,6 +40,7 @@ class Report:
     ratio: float | None = None
     target: dict[str, Any] | None = None
     statistics: dict[str, Any] | None = None  # second moments and compensation (obspa)
+    nm: dict[str, Any] | None = None  # N:M sparsity: pattern, weights done and skipped
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class Report:
             "ratio": self.ratio,
             "target": self.target,
             "statistics": self.statistics,
+            "nm": self.nm,
         }
 
     def summary(self) -> str:
@@ -91,6 +93,13 @@ class Report:
                 f"consumer layers; {stats.get('refitted', 0)} refitted, "
                 f"{stats.get('biases', 0)} biases compensated"
             )
+        if self.nm is not None:
+            lines.append(
+                f"  N:M {self.nm['pattern']:<8} {len(self.nm['applied'])} weights sparse "
+                f"({self.nm['zeroed']:,} of {self.nm['eligible']:,} parameters zero), "
+                f"{len(self.nm['skipped'])} skipped"
+            )
+            lines.extend(f"    skipped {name}: {why}" for name, why in self.nm["skipped"])
         lines.append(f"  time         {self.seconds:.2f} s")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -177,6 +186,74 @@ def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _sparsify(
+    model: Model,
+    original: onnx.ModelProto,
+    pattern: tuple[int, int],
+    method: str,
+    exclude: Sequence[str],
+    calibration: str | os.PathLike[str] | None,
+    seed: int,
+    input_range: tuple[float, float] | None,
+) -> dict[str, Any]:
+    """Run the N:M pass, with second moments of its layers' inputs for OBS, collected on the
+    model as it is now (after any structured pruning)."""
+    from spa_compiler import nm as nm_math
+    from spa_compiler.passes import SparsifyNM
+    from spa_compiler.passes.estimate_moments import (
+        calibration_feeds,
+        collect,
+        synthetic_feeds,
+    )
+    from spa_compiler.passes.sparsify_nm import find_targets
+
+    n, m = pattern
+    try:
+        nm_math.check_pattern(n, m)
+    except ValueError as error:
+        raise BadInputError(str(error)) from None
+    if method not in ("obs", "magnitude"):
+        raise BadInputError(f"unknown N:M method {method!r} (choose obs or magnitude)")
+    timings: list[tuple[str, float]] = []
+    warnings: list[str] = []
+    moments: dict[str, Any] = {}
+    layers = [t.layer for t in find_targets(model.graph, m, exclude).targets if t.layer]
+    if method == "obs" and layers:
+        started = time.perf_counter()
+        current = export(model, original)
+        try:
+            feeds = (
+                calibration_feeds(calibration, original)
+                if calibration is not None
+                else synthetic_feeds(current, model.graph, seed=seed, input_range=input_range)
+            )
+            moments = collect(current, feeds, layers, seed)
+        except BadInputError as error:
+            if calibration is not None:
+                raise
+            warnings.append(f"{error}; N:M masks chosen by magnitude instead")
+        timings.append(("nm-moments", time.perf_counter() - started))
+    result = run_passes(model, [SparsifyNM(n, m, method, exclude, moments)])
+    timings += [(name, seconds) for name, _, seconds in result.results]
+    details = result.results[-1][1].details
+    targets = details.pop("targets")
+    eligible = sum(int(np.prod(t.constant.shape)) for t in targets)
+    zeroed = eligible * (m - n) // m
+    return {
+        "pattern": f"{n}:{m}",
+        "method": method,
+        "applied": [
+            {"tensor": t.constant.name, "axis": t.axis, "method": how}
+            for t, (_, how) in zip(targets, details["applied"], strict=True)
+        ],
+        "skipped": [list(entry) for entry in details["skipped"]],
+        "eligible": eligible,
+        "zeroed": zeroed,
+        "timings": timings,
+        "warnings": warnings,
+    }
+
+
 def _load(
     model: Model | onnx.ModelProto | str | os.PathLike[str], timings: list[tuple[str, float]]
 ) -> tuple[Model, onnx.ModelProto]:
@@ -216,6 +293,9 @@ def compile(
     calibration: str | os.PathLike[str] | None = None,
     compensate: bool | None = None,
     input_range: tuple[float, float] | None = None,
+    nm: tuple[int, int] | None = None,
+    nm_method: str = "obs",
+    nm_exclude: Sequence[str] = (),
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
@@ -232,6 +312,11 @@ def compile(
     channels. ``normalization`` defaults to "mean", and to "none" for obspa, whose scores are
     relative output errors already. ``input_range`` (low, high) says where the model's
     float inputs live, for synthetic and model moments (default: standardized).
+
+    ``nm=(N, M)`` then makes every eligible Conv/Gemm/MatMul weight N:M sparse along its
+    reduction axis (after the structured pruning), by SparseGPT-style OBS under the layer
+    inputs' second moments (``nm_method="obs"``) or by magnitude; ``nm_exclude`` protects
+    weights or nodes by glob.
     """
     if target_flops is not None and target_params is not None:
         raise BadInputError("give either a FLOPs target or a parameter target, not both")
@@ -342,6 +427,13 @@ def compile(
     if rewritten.results[-1][1].changed:
         rewritten = run_passes(rewritten.model, [InferShapes()])
     timings += [(name, seconds) for name, _, seconds in rewritten.results]
+    sparsity = None
+    if nm is not None:
+        sparsity = _sparsify(
+            rewritten.model, original, nm, nm_method, nm_exclude, calibration, seed, input_range
+        )
+        timings += sparsity.pop("timings")
+        warnings += sparsity.pop("warnings")
     after = measure(rewritten.model.graph)
     if target is not None:
         achieved = after[target_key] / max(1, before[target_key])
@@ -389,6 +481,7 @@ def compile(
     )
     if statistics:
         report.statistics = {k: v for k, v in statistics.items() if k != "moments"}
+    report.nm = sparsity
     report.ratio = ratio if plan.ratio is not None else None
     report.target = (
         None if target is None else {"metric": target_key, "fraction": target, "achieved": achieved}
