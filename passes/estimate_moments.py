@@ -200,12 +200,16 @@ def collect(
     """Run the model on ``feeds`` with every layer's input activation exposed and accumulate
     each activation's second moment over its feature axis."""
     produced = {output for node in proto.graph.node for output in node.output}
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = {v.name for v in proto.graph.input if v.name not in initializers}
     wanted: dict[str, LinearLayer] = {}
     for layer in layers:
-        if layer.activation.name in produced and layer.activation.dtype is not None:
-            wanted.setdefault(layer.activation.name, layer)
-    names = sorted(wanted)
-    if not names:
+        name = layer.activation.name
+        if (name in produced or name in inputs) and layer.activation.dtype is not None:
+            wanted.setdefault(name, layer)
+    names = sorted(name for name in wanted if name in produced)
+    fed = sorted(name for name in wanted if name not in produced)  # read straight from feeds
+    if not wanted:
         return {}
     extra = [
         (name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wanted[name].activation.dtype)))
@@ -220,11 +224,11 @@ def collect(
     moments: dict[str, Moments] = {}
     for batch in feeds:
         try:
-            values = runner.run(names, batch)
+            values = runner.run(names, batch) if names else []
         except Exception as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BadInputError(f"onnxruntime cannot run the model on {what}: {first}") from None
-        for name, array in zip(names, values, strict=True):
+        for name, array in [*zip(names, values, strict=True), *((n, batch[n]) for n in fed)]:
             layer = wanted[name]
             array = np.asarray(array)
             if array.ndim == 0:

@@ -14,7 +14,7 @@ from spa_compiler.criteria import ObsContext, score_group
 from spa_compiler.errors import BadInputError
 from spa_compiler.ir import Model
 from spa_compiler.pipeline import Pass, PassResult
-from spa_compiler.plan import Plan, group_plan
+from spa_compiler.plan import GroupPlan, Plan, group_plan
 
 
 def excluded(group: Group, patterns: Sequence[str]) -> bool:
@@ -102,6 +102,10 @@ class SelectChannels(Pass):
 
     def call(self, model: Model) -> PassResult:
         groups = list(self.analysis.prunable)
+        if self.ratio == 0.0 and not self.global_ranking:  # every channel stays: no scores
+            return PassResult(model, changed=False, details={"plan": self._plan(
+                [group_plan(g, np.arange(g.channels)) for g in groups]
+            )})  # fmt: skip
         for g in groups:
             if g.id not in self.scores:
                 self.scores[g.id] = score_group(
@@ -139,7 +143,10 @@ class SelectChannels(Pass):
                 order = np.lexsort((np.arange(group.channels), -scores[index]))
                 keep = np.sort(order[:count])
             plans.append(group_plan(group, keep, scores[index]))
-        plan = Plan(
+        return PassResult(model, changed=False, details={"plan": self._plan(plans)})
+
+    def _plan(self, plans: list[GroupPlan]) -> Plan:
+        return Plan(
             groups=plans,
             heads=self.analysis.heads,
             criterion=self.criterion,
@@ -154,4 +161,3 @@ class SelectChannels(Pass):
                 "max_group_ratio": self.max_group_ratio,
             },
         )
-        return PassResult(model, changed=False, details={"plan": plan})

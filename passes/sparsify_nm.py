@@ -48,11 +48,23 @@ def _reduction(node: gs.Node) -> tuple[int, int] | None:
     """(input index of the weight, reduction axis in the node's view of it)."""
     if node.op == "Conv" and len(node.inputs) > 1:
         return 1, 1
-    if node.op == "Gemm" and len(node.inputs) > 1 and not node.attrs.get("transA", 0):
+    if node.op == "Gemm" and len(node.inputs) > 1:  # B's reduction axis ignores transA
         return 1, 1 if node.attrs.get("transB", 0) else 0
     if node.op == "MatMul" and len(node.inputs) > 1:
-        shape = node.inputs[1].shape
-        return (1, len(shape) - 2) if shape is not None and len(shape) >= 2 else None
+        return 1, -2  # counted from the end: the constant's rank settles it
+    return None
+
+
+_FOUR_BIT_TYPES = {21, 22, 23}  # UINT4, INT4, FLOAT4E2M1: stored two to a byte
+
+
+def _unsupported(constant: gs.Constant, dequantize: gs.Node | None) -> str | None:
+    lazy = getattr(constant, "_values", None)
+    stored = getattr(getattr(lazy, "tensor", None), "data_type", None)
+    if stored in _FOUR_BIT_TYPES:
+        return "4-bit weights are not supported"
+    if dequantize is not None and dequantize.attrs.get("block_size", 0):
+        return "block-quantized weights are not supported"
     return None
 
 
@@ -61,6 +73,7 @@ def _trace(tensor: gs.Tensor, axis: int) -> tuple[gs.Constant, int, gs.Node | No
     DequantizeLinear right after the constant), mapping the axis; a reason where a constant
     cannot take the pattern; None where the operand is no weight (an activation)."""
     dequantize = None
+    path: list[gs.Node] = []
     while not isinstance(tensor, gs.Constant):
         if not tensor.inputs:
             return None
@@ -69,17 +82,22 @@ def _trace(tensor: gs.Tensor, axis: int) -> tuple[gs.Constant, int, gs.Node | No
             return None
         if len(tensor.outputs) != 1:
             return "the weight is shared with other readers"
-        if producer.op == "Transpose":
-            rank = len(producer.inputs[0].shape or [])
-            perm = producer.attrs.get("perm", list(range(rank))[::-1])
-            axis = int(perm[axis])
-        elif producer.op == "DequantizeLinear":
+        if producer.op == "DequantizeLinear":
             if not isinstance(producer.inputs[0], gs.Constant):
                 return None
             dequantize = producer
+        path.append(producer)
         tensor = producer.inputs[0]
     if len(tensor.outputs) != 1:
         return "the weight is shared with other readers"
+    rank = len(tensor.shape)  # layout ops keep the rank: the constant's settles every axis
+    if rank < 2:
+        return None
+    axis = axis % rank
+    for producer in path:  # node side first: an output axis i is input axis perm[i]
+        if producer.op == "Transpose":
+            perm = producer.attrs.get("perm", list(range(rank))[::-1])
+            axis = int(perm[axis])
     return tensor, axis, dequantize
 
 
@@ -90,6 +108,13 @@ def find_targets(graph: gs.Graph, m: int, exclude: Sequence[str] = ()) -> Found:
         if reduction is None:
             continue
         index, axis = reduction
+        if node.op in ("MatMul", "Gemm") and isinstance(_trace(node.inputs[0], -1), tuple):
+            found.skipped.append(
+                (
+                    node.inputs[0].name,
+                    f"a constant first operand of {node.op} (W·x) is not supported",
+                )
+            )
         weight = node.inputs[index]
         traced = _trace(weight, axis)
         if traced is None:
@@ -101,6 +126,10 @@ def find_targets(graph: gs.Graph, m: int, exclude: Sequence[str] = ()) -> Found:
         names = {constant.name, weight.name, node.name}
         if any(fnmatch.fnmatchcase(name, p) for name in names for p in exclude):
             found.skipped.append((constant.name, "excluded by --nm-exclude"))
+            continue
+        reason = _unsupported(constant, dequantize)
+        if reason:
+            found.skipped.append((constant.name, reason))
             continue
         if dequantize is None and not is_floating(constant.dtype):
             found.skipped.append((constant.name, f"not floating point ({constant.dtype})"))
@@ -131,9 +160,11 @@ def _dequantized(target: Target, values: np.ndarray) -> tuple[np.ndarray, np.nda
         if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant)
         else np.zeros((), dtype=values.dtype)
     )
+    if zero.size != scale.size:
+        zero = np.zeros(scale.shape, dtype=values.dtype)
     if scale.ndim == 1 and scale.size > 1:  # per-axis
         shape = [1] * values.ndim
-        shape[int(node.attrs.get("axis", 1))] = scale.size
+        shape[int(node.attrs.get("axis", 1)) % values.ndim] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     zero = np.broadcast_to(zero, values.shape)
     return (values.astype(np.float64) - zero) * scale, zero
@@ -180,8 +211,9 @@ class SparsifyNM(Pass):
             ):
                 with np.errstate(all="ignore"):
                     refitted = nm.obs_nm(rows, stats.hessian(with_bias=False), self.n, self.m)
-                if np.isfinite(refitted).all():
-                    target.constant.values = nm.from_rows(refitted, values, target.axis)
+                stored = nm.from_rows(refitted, values, target.axis)
+                if np.isfinite(stored).all():  # after the cast: fp16 can overflow
+                    target.constant.values = stored
                     applied.append((target.constant.name, "obs"))
                     continue
             rows = rows * nm.magnitude_mask(rows, self.n, self.m)

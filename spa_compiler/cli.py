@@ -295,8 +295,9 @@ def compile_command(
     source, target = pathlib.Path(model), pathlib.Path(output)
     _check_output_paths(source, output, save_plan, report_path, force, export_compressed)
     pattern = _parse_pattern(nm_pattern)
-    if export_compressed and pattern is None:
-        raise BadInputError("--export-compressed needs --nm")
+    if (export_compressed or nm_exclude) and pattern is None:
+        option = "--export-compressed" if export_compressed else "--nm-exclude"
+        raise BadInputError(f"{option} needs --nm")
     if ratio is not None and (target_flops is not None or target_params is not None):
         raise BadInputError("--ratio and a --target-* option exclude each other")
     selecting = ratio is not None or target_flops or target_params or global_ranking
@@ -342,7 +343,13 @@ def compile_command(
     if export_compressed:
         from spa_compiler.nm import compressed_archive
 
-        write_atomic(pathlib.Path(export_compressed), compressed_archive(proto, report.nm))
+        archive = compressed_archive(proto, report.nm)
+        write_atomic(pathlib.Path(export_compressed), archive)
+        if not any(not entry["method"].endswith("(quantized)") for entry in report.nm["applied"]):
+            report.warnings.append(
+                f"{export_compressed} holds no weight: no float weight was made sparse "
+                "(quantized weights are not exported compressed)"
+            )
     click.echo(report.summary())
     click.echo(f"wrote {output}")
     for warning in report.warnings:
@@ -356,12 +363,12 @@ def compile_command(
 @click.option("--nm", "nm_pattern", required=True, metavar="N:M", help="The pattern, e.g. 2:4.")
 def verify_nm(model: str, nm_pattern: str) -> None:
     """Check that every eligible weight of MODEL is N:M sparse; exit 1 on any violation."""
-    from spa_compiler.ir import load_model
+    import spa_compiler
     from spa_compiler.nm import weight_violations
     from spa_compiler.passes.sparsify_nm import find_targets
 
     n, m = _parse_pattern(nm_pattern)
-    found = find_targets(load_model(model).graph, m)
+    found = find_targets(spa_compiler.load(model).graph, m)  # shapes inferred, as compile
     rows, bad = [], 0
     for target in found.targets:
         groups, violations = weight_violations(target, n, m)

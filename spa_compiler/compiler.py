@@ -3,6 +3,7 @@ validate, as a list of passes; saving is the caller's (or the CLI's) step."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -238,7 +239,7 @@ def _sparsify(
     details = result.results[-1][1].details
     targets = details.pop("targets")
     eligible = sum(int(np.prod(t.constant.shape)) for t in targets)
-    zeroed = eligible * (m - n) // m
+    zeroed = sum(nm_math.weight_violations_zeros(t) for t in targets)
     return {
         "pattern": f"{n}:{m}",
         "method": method,
@@ -346,14 +347,19 @@ def compile(
     target_key, target = (
         ("macs", target_flops) if target_flops is not None else ("parameters", target_params)
     )
-    uses_obs = (plan.criterion if plan is not None else criterion) == "obspa"
-    compensate = uses_obs if compensate is None else compensate
+    removes = plan is not None or ratio > 0 or target is not None or global_ranking
+    # nothing to score or refit when no channel goes (--nm alone, --ratio 0)
+    uses_obs = (plan.criterion if plan is not None else criterion) == "obspa" and removes
+    if nm is not None and len(nm) == 2 and nm[1] > 0:
+        # channel counts that stay multiples of M keep every reduction N:M-eligible
+        round_to = math.lcm(round_to, int(nm[1]))
+    compensate = uses_obs if compensate is None else compensate and removes
     if normalization is None:
         normalization = "none" if criterion == "obspa" else "mean"
     statistics: dict[str, Any] = {}
     context = None
     warnings: list[str] = []
-    if calibration is not None and not (uses_obs or compensate):
+    if calibration is not None and not (uses_obs or compensate) and nm is None:
         warnings.append("--calib is used by obspa and by compensation only: ignored")
     if uses_obs or compensate:
         estimated = run_passes(
@@ -450,7 +456,7 @@ def compile(
             f"target {target:.3f} of the original {target_key} not reached: achieved "
             f"{achieved:.3f} (prunable groups limit how far spa can go)"
         )
-    if not analysis.prunable:
+    if not analysis.prunable and not (sparsity and sparsity["applied"]):
         reasons = Counter(
             r.split(": ", 2)[-1]
             for g in analysis.blocked

@@ -175,17 +175,23 @@ def compressed_archive(proto, sparsity: dict) -> bytes:
     return buffer.getvalue()
 
 
-def weight_violations(target, n: int, m: int) -> tuple[int, int]:
-    """(groups, groups over N non-zeros) of a ``sparsify_nm.Target``'s weight."""
+def _nonzero(target) -> np.ndarray:
     values = np.asarray(target.constant.values)
     if target.dequantize is not None:
         from spa_compiler.passes.sparsify_nm import _dequantized
 
-        real, _ = _dequantized(target, values)
-        nonzero = real != 0
-    else:
-        nonzero = values != 0
-    rows = np.moveaxis(nonzero, target.axis, -1)
+        return _dequantized(target, values)[0] != 0
+    return values != 0
+
+
+def weight_violations_zeros(target) -> int:
+    """Zero weights (dequantized, for a quantized one) of a ``sparsify_nm.Target``."""
+    return int((~_nonzero(target)).sum())
+
+
+def weight_violations(target, n: int, m: int) -> tuple[int, int]:
+    """(groups, groups over N non-zeros) of a ``sparsify_nm.Target``'s weight."""
+    rows = np.moveaxis(_nonzero(target), target.axis, -1)
     rows = rows.reshape(-1, rows.shape[-1])
     return rows.size // m, violations(rows, n, m)
 

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from architectures import ARCHITECTURES
 from builder import GraphBuilder
@@ -26,7 +25,7 @@ MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
 
 
 def _violations(proto: onnx.ModelProto, n: int, m: int) -> dict[str, int]:
-    graph = gs.import_onnx(proto)
+    graph = spa_compiler.from_proto(proto).graph  # shapes inferred, as verify-nm does
     return {
         t.constant.name: nm.weight_violations(t, n, m)[1] for t in find_targets(graph, m).targets
     }
@@ -171,7 +170,13 @@ def test_verify_nm_exit_codes(tmp_path):
 
 @pytest.mark.parametrize(
     "options",
-    [["--nm", "4:4"], ["--nm", "2:5"], ["--nm", "two:four"], ["--export-compressed", "w.npz"]],
+    [
+        ["--nm", "4:4"],
+        ["--nm", "2:5"],
+        ["--nm", "two:four"],
+        ["--export-compressed", "w.npz"],
+        ["--nm-exclude", "*"],
+    ],
 )
 def test_bad_nm_options_are_refused(tmp_path, options):
     out = tmp_path / "out.onnx"
@@ -188,3 +193,63 @@ def test_nm_output_is_byte_identical(tmp_path):
     first, _ = spa_compiler.compile(MODELS / "bert_tiny.onnx", ratio=0.3, nm=(2, 4))
     second, _ = spa_compiler.compile(MODELS / "bert_tiny.onnx", ratio=0.3, nm=(2, 4))
     assert first.SerializeToString() == second.SerializeToString()
+
+
+def _matmul_model(path, weight_op: str) -> pathlib.Path:
+    b = GraphBuilder(opset=17)
+    x = b.input("x", ["n", 16])
+    if weight_op == "Transpose":
+        weight = b.op("Transpose", [b.weight("w", [512, 16])], perm=[1, 0])
+    else:
+        weight = b.op("Cast", [b.weight("w", [16, 512])], to=1)
+    b.output(b.op("MatMul", [x, weight]))
+    onnx.save(b.model(), path)
+    return path
+
+
+@pytest.mark.parametrize("weight_op", ["Transpose", "Cast"])
+def test_verify_nm_sees_weights_behind_layout_ops(tmp_path, weight_op):
+    path = _matmul_model(tmp_path / "dense.onnx", weight_op)
+    spa = [sys.executable, "-m", "spa_compiler"]
+    dense = subprocess.run([*spa, "verify-nm", str(path), "--nm", "2:4"], capture_output=True)
+    assert dense.returncode == 1, dense.stdout
+    out = tmp_path / "sparse.onnx"
+    subprocess.run([*spa, "compile", str(path), "--nm", "2:4", "-o", str(out)], check=True)
+    sparse = subprocess.run([*spa, "verify-nm", str(out), "--nm", "2:4"], capture_output=True)
+    assert sparse.returncode == 0 and b"1 of 1 eligible" in sparse.stdout
+
+
+def test_dequantize_per_axis_without_zero_point_and_block_quantization(tmp_path):
+    b = GraphBuilder(opset=13)
+    x = b.input("x", ["n", 16])
+    quantized = b.const("wq", np.arange(-64, 64, dtype=np.int8).reshape(16, 8))
+    scale = b.const("s", np.linspace(0.01, 0.08, 8).astype(np.float32))
+    b.output(b.op("MatMul", [x, b.op("DequantizeLinear", [quantized, scale], axis=1)]))
+    pruned, report = spa_compiler.compile(b.model(), ratio=0.0, nm=(2, 4))
+    assert [e["tensor"] for e in report.nm["applied"]] == ["wq"]
+    assert all(v == 0 for v in _violations(pruned, 2, 4).values())
+
+    b = GraphBuilder(opset=21)
+    x = b.input("x", ["n", 16])
+    quantized = b.const("wq", np.arange(-64, 64, dtype=np.int8).reshape(16, 8))
+    scale = b.const("s", np.full((4, 8), 0.05, np.float32))
+    dequantized = b.op("DequantizeLinear", [quantized, scale], axis=0, block_size=4)
+    b.output(b.op("MatMul", [x, dequantized]))
+    _, report = spa_compiler.compile(b.model(), ratio=0.0, nm=(2, 4))
+    assert dict(report.nm["skipped"]) == {"wq": "block-quantized weights are not supported"}
+
+
+def test_structured_pruning_keeps_reductions_eligible_for_nm():
+    _, report = spa_compiler.compile(MODELS / "resnet_tiny.onnx", ratio=0.3, nm=(2, 4))
+    assert [why for _, why in report.nm["skipped"]] == ["reduction size 3 is not a multiple of 4"]
+    assert len(report.nm["applied"]) == 13
+
+
+def test_obs_masks_for_a_layer_reading_a_graph_input(tmp_path):
+    b = GraphBuilder()
+    x = b.input("x", ["n", 16])
+    h = b.op("Relu", [b.op("MatMul", [x, b.weight("w1", [16, 16])])])
+    b.output(b.op("MatMul", [h, b.weight("w2", [16, 8])]))
+    _, report = spa_compiler.compile(b.model(), ratio=0.0, nm=(2, 4))
+    assert {e["tensor"]: e["method"] for e in report.nm["applied"]} == {"w1": "obs", "w2": "obs"}
+    assert not any("unchanged" in w for w in report.warnings)
