@@ -21,6 +21,7 @@ __all__ = [
     "Member",
     "Model",
     "SpaError",
+    "bench",
     "compile",
     "from_proto",
     "inspect",
@@ -47,6 +48,13 @@ def prepare(model: Model) -> Model:
 def load(path: str | os.PathLike[str]) -> Model:
     """Load an .onnx file safely and prepare it for analysis."""
     return prepare(load_model(path))
+
+
+def bench(models, **options):
+    """Time models side by side in onnxruntime; see ``spa_compiler.latency.bench``."""
+    from spa_compiler.latency import bench as bench_models
+
+    return bench_models(models, **options)
 
 
 def compile(model, **options):

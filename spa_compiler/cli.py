@@ -255,6 +255,9 @@ EXIT_NOTHING_TO_PRUNE = 3
     type=click.Path(dir_okay=False, path_type=str),
     help="With --nm: write the sparse weights compressed (values + positions) as .npz.",
 )
+@click.option(
+    "--bench", "run_bench", is_flag=True, help="Then time the output against the input (CPU)."
+)
 @click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
 def compile_command(
     model: str,
@@ -282,6 +285,7 @@ def compile_command(
     nm_method: str,
     nm_exclude: tuple[str, ...],
     export_compressed: str | None,
+    run_bench: bool,
     force: bool,
 ) -> None:
     """Prune MODEL structurally and write a valid, smaller ONNX model to OUTPUT."""
@@ -352,10 +356,55 @@ def compile_command(
             )
     click.echo(report.summary())
     click.echo(f"wrote {output}")
+    if run_bench:
+        from spa_compiler.latency import bench
+
+        click.echo(bench([model, output], runs=20, warmup=3).table())
     for warning in report.warnings:
         click.echo(f"spa: warning: {warning}", err=True)
     if report.groups_prunable == 0 and not (report.nm and report.nm["applied"]):
         raise click.exceptions.Exit(EXIT_NOTHING_TO_PRUNE)
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    from spa_compiler.errors import BadInputError
+
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"--batch takes sizes like 1,8,32, not {text!r}") from None
+    if not batches or any(b < 1 for b in batches):
+        raise BadInputError(f"--batch sizes must be positive, not {text!r}")
+    return batches
+
+
+@cli.command(name="bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads.")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str))
+def bench_command(
+    models: tuple[str, ...],
+    batches: str,
+    device: str,
+    threads: int | None,
+    runs: int,
+    warmup: int,
+    json_path: str | None,
+) -> None:
+    """Time MODELS side by side in onnxruntime (interleaved runs; the first is the
+    reference for speed-ups, FLOPs and parameter ratios)."""
+    from spa_compiler.io import write_atomic
+    from spa_compiler.latency import bench
+
+    result = bench(list(models), _parse_batches(batches), device, threads, runs, warmup)
+    click.echo(result.table())
+    if json_path:
+        text = json.dumps(result.to_json(), indent=1, sort_keys=True) + "\n"
+        write_atomic(pathlib.Path(json_path), text.encode())
 
 
 @cli.command(name="verify-nm")
