@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spa_compiler.errors import PassError
+from spa_compiler.errors import BadInputError, PassError
 from spa_compiler.ir import Model, check, skeleton
 from spa_compiler.pipeline import Pass, PassResult
 from spa_compiler.runtime import random_inputs, run_session
@@ -56,6 +56,11 @@ class ValidateModel(Pass):
             produced = run_session(self.compiled, feeds, weights)
         except Exception as error:
             if problem:
+                original_problem = check(self.original, full=True)
+                if original_problem is not None:
+                    raise BadInputError(
+                        f"the model fails the ONNX checker's shape inference: {original_problem}"
+                    ) from None
                 raise PassError(f"the pruned model fails the ONNX checker: {problem}") from None
             try:
                 run_session(self.original, feeds)
@@ -80,6 +85,11 @@ class ValidateModel(Pass):
                 for _ in range(np.ndim(result)):
                     shape.dim.add()
             if check(relaxed, full=True) is not None:
+                original_problem = check(self.original, full=True)
+                if original_problem is not None:  # the input's own inconsistency, not spa's
+                    raise BadInputError(
+                        f"the model fails the ONNX checker's shape inference: {original_problem}"
+                    )
                 raise PassError(f"the pruned model fails the ONNX checker: {problem}")
             warnings.append(
                 f"the model's declared output shapes contradict its graph ({problem}); "
