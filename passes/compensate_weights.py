@@ -9,8 +9,6 @@ oracle's premise holds). Consumers without moments are left as they are.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 
 from spa_compiler.channel_graph import Group
@@ -18,7 +16,7 @@ from spa_compiler.ir import Model
 from spa_compiler.linear_layers import LayerIndex
 from spa_compiler.obs import Moments, refit
 from spa_compiler.pipeline import Pass, PassResult
-from spa_compiler.plan import Plan
+from spa_compiler.plan import Plan, removed_indices
 
 
 class CompensateWeights(Pass):
@@ -28,17 +26,12 @@ class CompensateWeights(Pass):
         self.plan, self.groups, self.moments = plan, groups, moments
 
     def call(self, model: Model) -> PassResult:
-        removed: dict[tuple[str, int], set[int]] = defaultdict(set)
+        removed = removed_indices(self.plan, self.groups, consumers_only=True)
         consumers = {}
         for planned in self.plan.groups:
-            channels = planned.removed
-            if not channels:
-                continue
-            for member in self.groups[planned.group].consumers:
-                removed[(member.tensor, member.axis)].update(
-                    member.indices[channels].reshape(-1).tolist()
-                )
-                consumers.setdefault((member.tensor, member.axis), member)
+            if planned.removed:
+                for member in self.groups[planned.group].consumers:
+                    consumers.setdefault((member.tensor, member.axis), member)
         index = LayerIndex(model.graph)
         refitted = biases = 0
         for key, member in sorted(consumers.items()):

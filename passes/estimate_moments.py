@@ -29,7 +29,7 @@ from spa_compiler.linear_layers import LayerIndex, LinearLayer
 from spa_compiler.model_moments import model_moments
 from spa_compiler.obs import Moments
 from spa_compiler.pipeline import Pass, PassResult
-from spa_compiler.runtime import session
+from spa_compiler.runtime import declared_inputs, session
 
 SOURCES = ("synthetic", "model")
 BATCH = 4  # samples per onnxruntime run (every exposed activation is held at once)
@@ -96,39 +96,36 @@ def synthetic_feeds(
     from scipy.special import ndtr
 
     rng = np.random.default_rng([seed, 7])
-    initializers = {t.name for t in proto.graph.initializer}
     tensors = graph.tensors()
+    inputs = declared_inputs(proto)
     for _ in range(batches):
         feeds = {}
-        for value in proto.graph.input:
-            if value.name in initializers:
-                continue
-            tensor_type = value.type.tensor_type
+        for declared in inputs:
+            name, dtype = declared.name, declared.dtype
             shape = [
-                d.dim_value if d.HasField("dim_value") else (BATCH if axis == 0 else SEQUENCE)
-                for axis, d in enumerate(tensor_type.shape.dim)
+                (BATCH if axis == 0 else SEQUENCE) if d is None else d
+                for axis, d in enumerate(declared.dims)
             ]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-            tensor = tensors.get(value.name)
+            tensor = tensors.get(name)
             if dtype == np.bool_:
-                feeds[value.name] = np.ones(shape, dtype=bool)
+                feeds[name] = np.ones(shape, dtype=bool)
             elif np.issubdtype(dtype, np.integer):
                 rows = _gather_rows(tensor) if tensor is not None else None
                 if rows:  # token ids: the whole vocabulary but the first (padding) rows
                     low = min(rows - 1, 1000 if rows > 2000 else 1)
-                    feeds[value.name] = rng.integers(low, rows, size=shape).astype(dtype)
+                    feeds[name] = rng.integers(low, rows, size=shape).astype(dtype)
                 else:  # attention masks and the like
-                    feeds[value.name] = np.ones(shape, dtype=dtype)
+                    feeds[name] = np.ones(shape, dtype=dtype)
             elif len(shape) == 4 and shape[1] <= 4:
                 field = _smooth_fields(rng, shape)
                 if input_range is not None:
                     low, high = input_range
                     field = low + (high - low) * ndtr(field)
-                feeds[value.name] = field.astype(dtype)
+                feeds[name] = field.astype(dtype)
             elif input_range is not None:
-                feeds[value.name] = rng.uniform(*input_range, size=shape).astype(dtype)
+                feeds[name] = rng.uniform(*input_range, size=shape).astype(dtype)
             else:
-                feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+                feeds[name] = rng.standard_normal(shape).astype(dtype)
         yield feeds
 
 
@@ -138,8 +135,8 @@ def calibration_feeds(
     """Batches of real inputs from an .npz file: one array per graph input (or a single
     array for a single-input model), samples along the first axis. Read and checked at
     once, so a bad file is refused even where no layer needs its statistics."""
-    initializers = {t.name for t in proto.graph.initializer}
-    names = [v.name for v in proto.graph.input if v.name not in initializers]
+    inputs = declared_inputs(proto)
+    names = [declared.name for declared in inputs]
     if not pathlib.Path(path).is_file():
         raise BadInputError(f"--calib {path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -157,9 +154,8 @@ def calibration_feeds(
     samples = {int(arrays[name].shape[0]) if arrays[name].ndim else 0 for name in names}
     if len(samples) != 1 or 0 in samples:
         raise BadInputError(f"--calib {path}: inputs must share a non-empty first axis")
-    types = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
-    for name in names:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name])
+    for declared in inputs:
+        name, dtype = declared.name, declared.dtype
         source = arrays[name]
         if source.dtype.kind not in "biuf" or (
             source.dtype.kind == "f" and np.dtype(dtype).kind != "f"
@@ -170,15 +166,12 @@ def calibration_feeds(
         if source.dtype.kind == "f" and not np.isfinite(source).all():
             raise BadInputError(f"--calib {path}: array '{name}' holds inf or NaN")
         arrays[name] = source.astype(dtype)
-    fixed = [
-        v.type.tensor_type.shape.dim[0].dim_value
-        for v in proto.graph.input
-        if v.name in names and v.type.tensor_type.shape.dim
-    ]
-    if fixed and all(fixed):  # a model with a fixed batch takes that many at a time
+    fixed = [declared.dims[0] for declared in inputs if declared.dims]
+    fixed_batch = bool(fixed) and all(fixed)  # None (symbolic) and 0 are not fixed
+    if fixed_batch:  # such a model takes that many at a time, in whole batches only
         batch = min(fixed)
     count = samples.pop()
-    if fixed and all(fixed):  # a fixed batch takes whole batches only
+    if fixed_batch:
         if count < batch:
             raise BadInputError(
                 f"--calib {path}: the model takes batches of {batch}; give at least {batch} samples"
@@ -200,8 +193,7 @@ def collect(
     """Run the model on ``feeds`` with every layer's input activation exposed and accumulate
     each activation's second moment over its feature axis."""
     produced = {output for node in proto.graph.node for output in node.output}
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = {v.name for v in proto.graph.input if v.name not in initializers}
+    inputs = {declared.name for declared in declared_inputs(proto)}
     wanted: dict[str, LinearLayer] = {}
     for layer in layers:
         name = layer.activation.name

@@ -20,7 +20,7 @@ from spa_compiler.errors import PassError
 from spa_compiler.ir import Model
 from spa_compiler.op_rules import concat_behind
 from spa_compiler.pipeline import Pass, PassResult
-from spa_compiler.plan import Plan
+from spa_compiler.plan import Plan, removed_indices
 
 Space = tuple[str, int]
 
@@ -33,15 +33,7 @@ class PruneChannels(Pass):
 
     def call(self, model: Model) -> PassResult:
         graph = model.graph
-        removed: dict[Space, set[int]] = defaultdict(set)
-        for planned in self.plan.groups:
-            channels = planned.removed
-            if not channels:
-                continue
-            for member in self.groups[planned.group].members:
-                removed[(member.tensor, member.axis)].update(
-                    member.indices[channels].reshape(-1).tolist()
-                )
+        removed = removed_indices(self.plan, self.groups)
         if not removed:
             return PassResult(model, changed=False, details={"removed_indices": 0})
         rewriter = _Rewriter(graph, removed, model.opset)

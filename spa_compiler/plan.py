@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,24 @@ class Plan:
         except (OSError, ValueError) as error:
             raise BadInputError(f"{path}: cannot read plan ({error})") from None
         return cls.from_json(data)
+
+
+def removed_indices(
+    plan: Plan, groups: dict[int, Group], consumers_only: bool = False
+) -> dict[tuple[str, int], set[int]]:
+    """Per (tensor, axis), the indices the plan removes there: from every member of a
+    planned group, or from its consumer weights only."""
+    removed: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for planned in plan.groups:
+        channels = planned.removed
+        if not channels:
+            continue
+        group = groups[planned.group]
+        for member in group.consumers if consumers_only else group.members:
+            removed[(member.tensor, member.axis)].update(
+                member.indices[channels].reshape(-1).tolist()
+            )
+    return removed
 
 
 def group_plan(group: Group, keep: np.ndarray | list[int], scores=None) -> GroupPlan:

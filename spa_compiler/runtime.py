@@ -4,6 +4,7 @@ declared shapes: shared by validation and by activation statistics."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -15,25 +16,40 @@ from spa_compiler.ir import skeleton
 SYMBOLIC_DIM = 2
 
 
-def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values of each graph input's declared shape (symbolic dims set small)."""
-    rng = np.random.default_rng(seed)
+@dataclass
+class DeclaredInput:
+    name: str
+    dims: list[int | None]  # None where the dim is symbolic or unknown
+    dtype: np.dtype
+
+
+def declared_inputs(proto: onnx.ModelProto) -> list[DeclaredInput]:
+    """The graph inputs a caller feeds (initializers that are also inputs left out)."""
     initializers = {t.name for t in proto.graph.initializer}
-    feeds = {}
+    inputs = []
     for value in proto.graph.input:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        shape = [
-            d.dim_value if d.HasField("dim_value") else SYMBOLIC_DIM for d in tensor_type.shape.dim
-        ]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        inputs.append(DeclaredInput(value.name, dims, dtype))
+    return inputs
+
+
+def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random values of each graph input's declared shape (symbolic dims set small)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for declared in declared_inputs(proto):
+        shape = [SYMBOLIC_DIM if d is None else d for d in declared.dims]
+        dtype = declared.dtype
         if dtype == np.bool_:
-            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)
+            feeds[declared.name] = np.asarray(rng.random(shape) < 0.5)
         elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
+            feeds[declared.name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
         else:
-            feeds[value.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
+            feeds[declared.name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
     return feeds
 
 
@@ -99,4 +115,4 @@ def run_session(
     return session(proto, arrays).run(None, feeds)
 
 
-__all__ = ["random_inputs", "run_session", "session"]
+__all__ = ["DeclaredInput", "declared_inputs", "random_inputs", "run_session", "session"]
