@@ -1,0 +1,658 @@
+"""Triton matmuls ``y = act(x · Wᵀ + b)``: N:M sparse W read compressed, and a dense baseline.
+
+The sparse kernel reads the compressed weight (``nm_layout.NMWeight``: kept values and packed
+2/4-bit positions) and never an indexed load: bytes read from memory are what the weight costs
+compressed — for fp16 2:4, 9/16 of the dense weight, hence a memory-bound ceiling of
+16/9 ≈ 1.78× over a dense GEMV at decode-size M. Three product paths (``MODE``), chosen per
+configuration by the autotuner:
+
+- ``dot``: expand each [BLOCK_N, BLOCK_K] tile to dense with selects in registers, then
+  ``tl.dot`` on tensor cores (BLOCK_M ≥ 16, rows past M masked);
+- ``fma``: the same expansion, then broadcast multiply-adds into a [BLOCK_M, BLOCK_N, BLOCK_K]
+  fp32 accumulator reduced once at the end (M ≤ 8, where a 16-row tile is mostly padding);
+- ``gather`` (2:4 and 4:8): no expansion at all — each kept value picks its activation with
+  selects among the few slots its position can name (positions ascend inside a group, so in 2:4
+  p0 ∈ {0,1,2} and p1 ∈ {1,2,3}), and only K·N/M multiply-adds are done. For M = 1 this halves
+  the arithmetic, which is what a GEMV at full memory bandwidth cannot afford.
+
+Large M is compute bound and tensor cores here are dense: ``nm_linear`` expands the whole
+weight once (``decompress_kernel``) and calls cuBLAS above ``DENSE_FROM_M`` rows.
+
+Reference implementations (``reference_matmul``, ``NMWeight.to_dense``) sit next to the
+kernels; the tests run every path under Triton's CPU interpreter on small and ragged shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from spa_compiler.kernels.nm_layout import NMWeight
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "silu": 3}
+MODES = {"dot": 0, "fma": 1, "gather": 2}
+GATHER_PATTERNS = ((2, 4), (4, 8))
+# From this many rows on, nm_linear expands the weight and calls cuBLAS: on an H100 the sparse
+# kernel won at 64 rows and lost at 256 (BENCHMARKS.md, "Triton N:M kernels").
+DENSE_FROM_M = 128
+
+# Block sizes the autotuner chooses from, as (BLOCK_M, BLOCK_N, BLOCK_K, MODE, warps, stages).
+# Decode-size M is memory bound: many programs of few rows stream the weight, deep K tiles keep
+# loads in flight; fp32 accumulators stay ≤ 8192 per program (64 registers a thread at 4 warps).
+# Large M is compute bound: tensor-core tiles, grouped program order for L2 reuse.
+SMALL_M_CONFIGS = [
+    *[(1, bn, bk, "gather", w, 3) for bn, bk, w in
+      ((16, 512, 4), (32, 512, 4), (32, 1024, 8), (64, 512, 8), (8, 1024, 4))],
+    # split-K (7th entry, sparse kernel only): more programs in flight when N alone is too few
+    *[(1, bn, bk, "gather", w, 3, split) for bn, bk, w, split in
+      ((16, 512, 4, 4), (32, 512, 4, 4), (64, 256, 8, 4), (32, 256, 4, 8))],
+    (4, 32, 256, "gather", 4, 3, 4),
+    (16, 32, 128, "dot", 4, 4, 4),
+    (16, 64, 128, "dot", 4, 3, 4),
+    *[(2, bn, bk, "gather", 4, 3) for bn, bk in ((16, 512), (32, 256))],
+    *[(4, bn, bk, "gather", 4, 3) for bn, bk in ((16, 256), (32, 256))],
+    *[(8, bn, bk, "gather", 4, 3) for bn, bk in ((16, 128), (16, 256))],
+    *[(1, bn, bk, "fma", 4, 3) for bn, bk in ((8, 512), (16, 256))],
+    *[(2, 16, 128, "fma", 4, 3), (4, 16, 128, "fma", 4, 3), (8, 16, 64, "fma", 4, 3)],
+    (16, 16, 256, "dot", 4, 3),
+    (16, 32, 128, "dot", 4, 4),
+    (16, 64, 128, "dot", 4, 3),
+]  # fmt: skip
+MEDIUM_M_CONFIGS = [
+    (bm, bn, bk, "dot", 4, stages)
+    for bm in (16, 32, 64)
+    for bn, bk, stages in ((32, 128, 4), (64, 128, 3), (128, 64, 3))
+]
+LARGE_M_CONFIGS = [
+    (128, 128, 64, "dot", 8, 3),
+    (128, 256, 64, "dot", 8, 3),
+    (128, 128, 64, "dot", 4, 4),
+    (256, 128, 64, "dot", 8, 3),
+]
+GROUP_SIZE_M = 8
+# The M bucket (not M itself) keys the tuning cache: M = 3 and M = 4 share a choice.
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+
+
+def _triton_config(block_m, block_n, block_k, mode, warps, stages, split=None) -> triton.Config:
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "MODE": MODES[mode],
+              "GROUP_SIZE_M": GROUP_SIZE_M}  # fmt: skip
+    if split is not None:
+        blocks["SPLIT_K"] = split
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+def _full(config: tuple) -> tuple:
+    """A config tuple with its split-K entry (1 unless given)."""
+    return config if len(config) == 7 else (*config, 1)
+
+
+def _configs_for(m: int) -> list[tuple]:
+    if m <= 8:
+        rows = triton.next_power_of_2(m)
+        return [c for c in SMALL_M_CONFIGS if c[3] == "dot" or c[0] == rows]
+    if m <= 64:
+        return [c for c in MEDIUM_M_CONFIGS if c[0] == max(16, triton.next_power_of_2(m))]
+    return LARGE_M_CONFIGS
+
+
+def _describe(config: triton.Config) -> tuple:
+    kw = config.kwargs
+    mode = {v: k for k, v in MODES.items()}[kw["MODE"]]
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], mode, config.num_warps,
+            config.num_stages, kw.get("SPLIT_K", 1))  # fmt: skip
+
+
+def _tile_words(block_k: int, keep: int, group: int, bits: int) -> int | None:
+    """Metadata words per tile row, or None where a tile would end inside a word."""
+    kept = block_k * keep // group
+    if block_k % group or kept * bits % 32:
+        return None
+    return kept * bits // 32
+
+
+def _prune(configs, named_args, **kwargs):
+    wanted = {_full(c) for c in _configs_for(named_args["M"])}
+    keep = [c for c in configs if _describe(c) in wanted]
+    if "KEEP" not in kwargs:  # the dense kernel: nothing to gather
+        return [c for c in keep if c.kwargs["MODE"] != MODES["gather"]]
+    pattern = (kwargs["KEEP"], kwargs["GROUP"])
+    return [
+        c for c in keep
+        # a sparse tile must hold whole 32-bit metadata words
+        if _tile_words(c.kwargs["BLOCK_K"], *pattern, kwargs["BITS"]) is not None
+        and (c.kwargs["MODE"] != MODES["gather"] or pattern in GATHER_PATTERNS)
+    ]  # fmt: skip
+
+
+_BLOCKS = list(dict.fromkeys(SMALL_M_CONFIGS + MEDIUM_M_CONFIGS + LARGE_M_CONFIGS))
+NM_CONFIGS = [_triton_config(*_full(c)) for c in _BLOCKS]
+DENSE_CONFIGS = [_triton_config(*c) for c in _BLOCKS if c[3] != "gather" and len(c) == 6]
+
+
+@triton.jit
+def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    """Grouped order: GROUP_SIZE_M row-blocks share each weight column-block while it is in L2."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_SIZE_M * blocks_n
+    first_m = (pid // per_group) * GROUP_SIZE_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _positions(words, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, KEEP: tl.constexpr,
+               BITS: tl.constexpr):  # fmt: skip
+    """Packed int32 words [BLOCK_N, W] -> positions [BLOCK_N, GROUPS, KEEP]."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER_WORD) * BITS
+    fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (BLOCK_N, GROUPS, KEEP))
+
+
+@triton.jit
+def _split4(t):
+    """[..., 2, 2] (index 2a + c) -> the four [...] slices 0, 1, 2, 3."""
+    even, odd = tl.split(t)
+    first, third = tl.split(even)
+    second, fourth = tl.split(odd)
+    return first, second, third, fourth
+
+
+@triton.jit
+def _split8(t):
+    """[..., 2, 2, 2] (index 4a + 2b + c) -> the eight [...] slices 0 … 7."""
+    even, odd = tl.split(t)
+    s0, s2, s4, s6 = _split4(even)
+    s1, s3, s5, s7 = _split4(odd)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _join4(s0, s1, s2, s3):
+    """Inverse of _split4: [..., 2, 2] holding s0 … s3 at 2a + c."""
+    return tl.join(tl.join(s0, s2), tl.join(s1, s3))
+
+
+@triton.jit
+def _expand_nm(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr,
+               GROUP: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """[BLOCK_N, BLOCK_K·KEEP/GROUP] kept values + packed positions -> the dense
+    [BLOCK_N, BLOCK_K] tile, with selects in registers (split/join move no data). Positions
+    ascend inside a group, so slot j can only hold kept value i with i ≤ j ≤ i + GROUP − KEEP."""
+    G: tl.constexpr = BLOCK_K // GROUP
+    positions = _positions(words, BLOCK_N, G, KEEP, BITS)
+    if KEEP == 2 and GROUP == 4:
+        p0, p1 = tl.split(positions)
+        v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, G, 2)))
+        zero = tl.zeros_like(v0)
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p1 == 3, v1, zero)
+        dense = _join4(d0, d1, d2, d3)
+    elif KEEP == 4 and GROUP == 8:
+        p0, p1, p2, p3 = _split4(tl.reshape(positions, (BLOCK_N, G, 2, 2)))
+        v0, v1, v2, v3 = _split4(tl.reshape(values, (BLOCK_N, G, 2, 2)))
+        zero = tl.zeros_like(v0)
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, tl.where(p2 == 2, v2, zero)))
+        d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, tl.where(p2 == 3, v2, tl.where(
+            p3 == 3, v3, zero))))  # fmt: skip
+        d4 = tl.where(p0 == 4, v0, tl.where(p1 == 4, v1, tl.where(p2 == 4, v2, tl.where(
+            p3 == 4, v3, zero))))  # fmt: skip
+        d5 = tl.where(p1 == 5, v1, tl.where(p2 == 5, v2, tl.where(p3 == 5, v3, zero)))
+        d6 = tl.where(p2 == 6, v2, tl.where(p3 == 6, v3, zero))
+        d7 = tl.where(p3 == 7, v3, zero)
+        dense = tl.join(_join4(d0, d2, d4, d6), _join4(d1, d3, d5, d7))
+    else:
+        # Any other pattern: each slot sums the kept values whose position names it (positions
+        # in a group are distinct, so the sum has one term).
+        kept = tl.reshape(values, (BLOCK_N, G, KEEP))
+        slots = tl.arange(0, GROUP)[None, None, None, :]
+        chosen = tl.where(positions[:, :, :, None] == slots, kept[:, :, :, None], 0.0)
+        dense = tl.sum(chosen, axis=2)
+    return tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(values.dtype)
+
+
+@triton.jit
+def _gather_products(acc, x, values, words, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, KEEP: tl.constexpr, GROUP: tl.constexpr,
+                     BITS: tl.constexpr):  # fmt: skip
+    """acc [BLOCK_M, BLOCK_N, G] += Σ over the kept values of a group: value · x[its slot]."""
+    G: tl.constexpr = BLOCK_K // GROUP
+    positions = _positions(words, BLOCK_N, G, KEEP, BITS)
+    if KEEP == 2:  # 2:4: p0 ∈ {0, 1, 2}, p1 ∈ {1, 2, 3}
+        p0, p1 = tl.split(positions)
+        v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, G, 2)))
+        x0, x1, x2, x3 = _split4(tl.reshape(x, (BLOCK_M, G, 2, 2)))
+        x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
+        p0, p1 = p0[None, :, :], p1[None, :, :]
+        picked0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
+        picked1 = tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, x3))
+        acc += v0[None, :, :].to(tl.float32) * picked0.to(tl.float32)
+        acc += v1[None, :, :].to(tl.float32) * picked1.to(tl.float32)
+    else:  # 4:8: p_i ∈ {i, …, i + 4}
+        p0, p1, p2, p3 = _split4(tl.reshape(positions, (BLOCK_N, G, 2, 2)))
+        v0, v1, v2, v3 = _split4(tl.reshape(values, (BLOCK_N, G, 2, 2)))
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(x, (BLOCK_M, G, 2, 2, 2)))
+        x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
+        x4, x5, x6, x7 = x4[:, None, :], x5[:, None, :], x6[:, None, :], x7[:, None, :]
+        p0, p1, p2, p3 = p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :]
+        picked0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, tl.where(p0 == 2, x2, tl.where(
+            p0 == 3, x3, x4))))  # fmt: skip
+        picked1 = tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, tl.where(p1 == 3, x3, tl.where(
+            p1 == 4, x4, x5))))  # fmt: skip
+        picked2 = tl.where(p2 == 2, x2, tl.where(p2 == 3, x3, tl.where(p2 == 4, x4, tl.where(
+            p2 == 5, x5, x6))))  # fmt: skip
+        picked3 = tl.where(p3 == 3, x3, tl.where(p3 == 4, x4, tl.where(p3 == 5, x5, tl.where(
+            p3 == 6, x6, x7))))  # fmt: skip
+        acc += v0[None, :, :].to(tl.float32) * picked0.to(tl.float32)
+        acc += v1[None, :, :].to(tl.float32) * picked1.to(tl.float32)
+        acc += v2[None, :, :].to(tl.float32) * picked2.to(tl.float32)
+        acc += v3[None, :, :].to(tl.float32) * picked3.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == 2:  # exact GELU, as ONNX Gelu and torch's default
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        acc = acc * tl.sigmoid(acc)
+    return acc
+
+
+@triton.jit
+def _accumulate(acc, x, w, MODE: tl.constexpr):
+    # Both branches assign: a compiled kernel does not stop at a return inside a constexpr if.
+    if MODE == 0:
+        acc = tl.dot(x, tl.trans(w), acc)
+    else:
+        acc = acc + x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _finish(acc, MODE: tl.constexpr):
+    if MODE == 0:  # noqa: SIM108 - an if statement, as the compiler specialises it reliably
+        result = acc
+    else:
+        result = tl.sum(acc, axis=2)
+    return result
+
+
+@triton.jit
+def _store(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on):
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nm_matmul_kernel(
+    x_ptr, values_ptr, words_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_vn, stride_wn, stride_om, stride_on,
+    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    KEPT_PER_TILE: tl.constexpr = BLOCK_K * KEEP // GROUP
+    WORDS_PER_TILE: tl.constexpr = KEPT_PER_TILE * BITS // 32
+    kept_per_row = K // GROUP * KEEP
+    words_per_row = tl.cdiv(kept_per_row * BITS, 32)
+    if MODE == 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif MODE == 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
+    row_ok = offs_n[:, None] < N
+    steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    first_step = tl.program_id(1) * steps_per_split
+    last_step = tl.minimum(first_step + steps_per_split, steps)
+    for step in range(first_step, last_step):
+        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_v = step * KEPT_PER_TILE + tl.arange(0, KEPT_PER_TILE)
+        offs_w = step * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        values = tl.load(
+            values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+            mask=row_ok & (offs_v[None, :] < kept_per_row),
+            other=0.0,
+        )
+        words = tl.load(
+            words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+            mask=row_ok & (offs_w[None, :] < words_per_row),
+            other=0,
+        )
+        if MODE == 2:
+            acc = _gather_products(acc, x, values, words, BLOCK_M, BLOCK_N, BLOCK_K, KEEP,
+                                   GROUP, BITS)  # fmt: skip
+        else:
+            w = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
+            acc = _accumulate(acc, x, w, MODE)
+    acc = _finish(acc, MODE)
+    if SPLIT_K == 1:
+        acc = _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+        _store(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
+    else:
+        # Split-K: every split adds its partial sum into an fp32 buffer; the last split to
+        # arrive at this tile reads the total (resetting the buffer and its counter to zero for
+        # the next call), applies the epilogue and stores. The barrier and the acq_rel counter
+        # order this program's adds before its arrival, as a threadfence reduction does.
+        partial = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.atomic_add(partial, acc, mask=inside, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # Read the total where the adds landed (an atomic add of zero reads at L2, past a
+            # stale L1), then reset; no other program touches this tile until the next call.
+            total = tl.atomic_add(partial, tl.zeros_like(acc), mask=inside, sem="acq_rel")
+            tl.store(partial, tl.zeros_like(acc), mask=inside)
+            tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0, sem="relaxed")
+            total = _epilogue(total, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+            _store(out_ptr, total, offs_m, offs_n, M, N, stride_om, stride_on)
+
+
+@triton.jit
+def dense_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MODE == 0:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
+            other=0.0,
+        )
+        acc = _accumulate(acc, x, w, MODE)
+    acc = _epilogue(_finish(acc, MODE), bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
+    _store(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
+
+
+@triton.jit
+def decompress_kernel(
+    values_ptr, words_ptr, out_ptr, N, K, stride_vn, stride_wn, stride_on,
+    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The dense [N, K] weight, one [BLOCK_N, BLOCK_K] tile per program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    step = tl.program_id(1)
+    KEPT_PER_TILE: tl.constexpr = BLOCK_K * KEEP // GROUP
+    WORDS_PER_TILE: tl.constexpr = KEPT_PER_TILE * BITS // 32
+    offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_v = step * KEPT_PER_TILE + tl.arange(0, KEPT_PER_TILE)
+    offs_w = step * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
+    kept_per_row = K // GROUP * KEEP
+    row_ok = offs_n[:, None] < N
+    values = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                     mask=row_ok & (offs_v[None, :] < kept_per_row), other=0.0)  # fmt: skip
+    words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                    mask=row_ok & (offs_w[None, :] < tl.cdiv(kept_per_row * BITS, 32)),
+                    other=0)  # fmt: skip
+    dense = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], dense,
+             mask=row_ok & (offs_k[None, :] < K))  # fmt: skip
+
+
+_nm_matmul_tuned = triton.autotune(
+    NM_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+)(nm_matmul_kernel)
+_dense_matmul_tuned = triton.autotune(
+    DENSE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+)(dense_matmul_kernel)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Under the CPU interpreter autotuning is meaningless (and slow): one small fixed tile.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "dot"}
+
+
+def _launch_options(config: dict | None) -> dict | None:
+    if config is None and interpreting():
+        config = INTERPRETER_CONFIG
+    if config is None:
+        return None
+    options = {"GROUP_SIZE_M": GROUP_SIZE_M, **config}
+    if options["MODE"] not in MODES:
+        raise ValueError(f"MODE must be one of {sorted(MODES)}, not {options['MODE']!r}")
+    if options["MODE"] == "dot" and min(options["BLOCK_M"], options["BLOCK_N"],
+                                        options["BLOCK_K"]) < 16:  # fmt: skip
+        raise ValueError("tensor-core tiles need BLOCK_M, BLOCK_N and BLOCK_K of at least 16")
+    options["MODE"] = MODES[options["MODE"]]
+    return options
+
+
+def _check_inputs(x: torch.Tensor, k: int, n: int, bias, out) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], not {list(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, not {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}], not {list(bias.shape)}")
+    if out is None:
+        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (x.shape[0], n):
+        raise ValueError(f"out must be [{x.shape[0]}, {n}], not {list(out.shape)}")
+    return out
+
+
+def _grid(meta: dict, m: int, n: int) -> tuple[int, ...]:
+    tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+    return (tiles, meta.get("SPLIT_K", 1))
+
+
+# Split-K scratch per (device, stream): an fp32 partial-sum buffer and one arrival counter per
+# output tile, both zero between calls (the last split of each tile resets its part).
+_SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    partial, arrivals = _SPLIT_SCRATCH.get(key, (None, None))
+    if partial is None or partial.numel() < m * n:
+        partial = torch.zeros(max(m * n, 1 << 16), dtype=torch.float32, device=device)
+        arrivals = torch.zeros(max(m * n, 1 << 16), dtype=torch.int32, device=device)
+        _SPLIT_SCRATCH[key] = (partial, arrivals)
+    return partial, arrivals
+
+
+def nm_matmul(
+    x: torch.Tensor,
+    weight: NMWeight,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``act(x · Wᵀ + bias)`` with W [N, K] N:M sparse, read compressed. ``config`` fixes the
+    blocks (BLOCK_M, BLOCK_N, BLOCK_K, MODE; otherwise autotuned per M bucket, N and K)."""
+    if weight.values.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight is {weight.values.dtype}")
+    m, n = x.shape[0], weight.rows
+    out = _check_inputs(x, weight.k, n, bias, out)
+    if m == 0 or n == 0:
+        return out
+    partial, arrivals = _split_scratch(x.device, m, n)  # tiles ≤ m·n: one counter each
+    args = (
+        x, weight.values, weight.words, bias if bias is not None else out, out, partial, arrivals,
+        m, n, weight.k, triton.next_power_of_2(m),
+        x.stride(0), x.stride(1), weight.values.stride(0), weight.words.stride(0),
+        out.stride(0), out.stride(1),
+    )  # fmt: skip
+    fixed = {
+        "KEEP": weight.n, "GROUP": weight.m, "BITS": weight.bits,
+        "HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATIONS[activation],
+    }  # fmt: skip
+    options = _launch_options(config)
+    if options is None:
+        _nm_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)
+        return out
+    options.setdefault("SPLIT_K", 1)
+    if _tile_words(options["BLOCK_K"], weight.n, weight.m, weight.bits) is None:
+        raise ValueError(
+            f"BLOCK_K = {options['BLOCK_K']} splits {weight.n}:{weight.m} metadata words"
+        )
+    if options["MODE"] == MODES["gather"] and (weight.n, weight.m) not in GATHER_PATTERNS:
+        raise ValueError(f"MODE 'gather' is written for 2:4 and 4:8, not {weight.n}:{weight.m}")
+    nm_matmul_kernel[_grid(options, m, n)](*args, **fixed, **options)
+    return out
+
+
+def decompress(weight: NMWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense [N, K] weight, expanded on the device."""
+    n, k = weight.rows, weight.k
+    if out is None:
+        out = torch.empty((n, k), dtype=weight.values.dtype, device=weight.values.device)
+    block_n, block_k = (16, 64) if interpreting() else (32, 256)
+    if _tile_words(block_k, weight.n, weight.m, weight.bits) is None:
+        block_k *= 4  # 1:4, 1:8 and 2:16 need wider tiles to hold whole metadata words
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    decompress_kernel[grid](
+        weight.values, weight.words, out, n, k,
+        weight.values.stride(0), weight.words.stride(0), out.stride(0),
+        KEEP=weight.n, GROUP=weight.m, BITS=weight.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
+
+
+def nm_linear(
+    x: torch.Tensor,
+    weight: NMWeight,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    dense_from_m: int = DENSE_FROM_M,
+) -> torch.Tensor:
+    """What a deployment calls: the sparse kernel for decode-size M; above ``dense_from_m``
+    rows, where the product is compute bound, the weight expanded once and cuBLAS."""
+    if x.shape[0] < dense_from_m:
+        return nm_matmul(x, weight, bias, activation)
+    out = torch.nn.functional.linear(x, decompress(weight), bias)
+    if activation == "relu":
+        out = torch.relu_(out)
+    elif activation == "gelu":
+        out = torch.nn.functional.gelu(out)
+    elif activation == "silu":
+        out = torch.nn.functional.silu(out)
+    return out
+
+
+def dense_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "none",
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``act(x · Wᵀ + bias)`` with a dense W [N, K]: the Triton baseline."""
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight is {weight.dtype}")
+    m, n = x.shape[0], weight.shape[0]
+    out = _check_inputs(x, weight.shape[1], n, bias, out)
+    if m == 0 or n == 0:
+        return out
+    args = (
+        x, weight, bias if bias is not None else out, out,
+        m, n, weight.shape[1], triton.next_power_of_2(m),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1),
+    )  # fmt: skip
+    fixed = {"HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATIONS[activation]}
+    options = _launch_options(config)
+    if options is None:
+        _dense_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)
+        return out
+    if options["MODE"] == MODES["gather"]:
+        raise ValueError("MODE 'gather' is for sparse weights; use 'dot' or 'fma'")
+    if options.pop("SPLIT_K", 1) != 1:
+        raise ValueError("SPLIT_K is a sparse-kernel option")
+    dense_matmul_kernel[_grid(options, m, n)](*args, **fixed, **options)
+    return out
+
+
+def reference_matmul(
+    x: torch.Tensor, dense_weight: torch.Tensor, bias=None, activation: str = "none"
+) -> torch.Tensor:
+    """The float64 reference both kernels are checked against."""
+    y = x.to(torch.float64) @ dense_weight.to(torch.float64).T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    elif activation == "silu":
+        y = torch.nn.functional.silu(y)
+    return y
+
+
+def tuned_config(kind: str) -> dict[tuple, dict]:
+    """The autotuner's choices so far ({key: config}) for ``"nm"`` or ``"dense"``."""
+    tuner = _nm_matmul_tuned if kind == "nm" else _dense_matmul_tuned
+    chosen = {}
+    for key, config in getattr(tuner, "cache", {}).items():
+        chosen[tuple(key)] = {
+            **config.kwargs,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+        }
+    return chosen
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "DENSE_FROM_M",
+    "decompress",
+    "dense_matmul",
+    "nm_linear",
+    "nm_matmul",
+    "reference_matmul",
+    "tuned_config",
+]
