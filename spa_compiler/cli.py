@@ -378,7 +378,21 @@ def _parse_batches(text: str) -> tuple[int, ...]:
     return batches
 
 
-@cli.command(name="bench")
+class _BenchGroup(click.Group):
+    """`spa bench A.onnx B.onnx` times models; `spa bench kernels` times the Triton kernels."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["models", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(name="bench", cls=_BenchGroup)
+def bench_group() -> None:
+    """Speed: `spa bench [models] A.onnx [B.onnx ...]` or `spa bench kernels`."""
+
+
+@bench_group.command(name="models")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
 @click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -405,6 +419,103 @@ def bench_command(
     if json_path:
         text = json.dumps(result.to_json(), indent=1, sort_keys=True) + "\n"
         write_atomic(pathlib.Path(json_path), text.encode())
+
+
+def _parse_ints(option: str, text: str) -> tuple[int, ...]:
+    from spa_compiler.errors import BadInputError
+
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise BadInputError(f"{option} takes integers like 1,16,256, not {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise BadInputError(f"{option} values must be positive, not {text!r}")
+    return values
+
+
+def _parse_shapes(text: str | None) -> tuple[tuple[int, int, int], ...]:
+    from spa_compiler.errors import BadInputError
+
+    shapes = []
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        try:
+            m, n, k = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise BadInputError(
+                f"--shapes takes MxNxK,... like 1x4096x4096, not {part!r}"
+            ) from None
+        if min(m, n, k) < 1:
+            raise BadInputError(f"--shapes sizes must be positive, not {part!r}")
+        shapes.append((m, n, k))
+    return tuple(shapes)
+
+
+@bench_group.command(name="kernels")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Also time this model's Gemm/MatMul weight shapes (dense vs N:M total).",
+)
+@click.option("--shapes", help="Extra shapes MxNxK,... (y = x·Wᵀ, x [M, K], W [N, K]).")
+@click.option(
+    "--m",
+    "m_values",
+    default="1,4,16,64,256,4096",
+    show_default=True,
+    help="Rows of x (tokens) for the K = N grid and the model's shapes.",
+)
+@click.option("--sizes", default="4096,8192", show_default=True, help="K = N of the grid.")
+@click.option("--dtype", "dtypes", default="fp16", show_default=True, help="fp16 and/or bf16.")
+@click.option("--nm", "patterns", default="2:4", show_default=True, help="Patterns, e.g. 2:4,4:8.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--timing",
+    type=click.Choice(["graph", "eager"]),
+    default="graph",
+    show_default=True,
+    help="CUDA-graph replays (device time) or eager launches (plus Python's cost).",
+)
+def bench_kernels(
+    model: str | None, shapes: str | None, m_values: str, sizes: str, dtypes: str,
+    patterns: str, json_path: str | None, plot_path: str | None, timing: str,
+) -> None:  # fmt: skip
+    """Time N:M Triton matmuls against cuBLAS dense, the dense Triton kernel and torch's 2:4
+    (medians of CUDA-event timings, weights rotated out of L2). Needs a CUDA GPU."""
+    from spa_compiler.errors import BadInputError
+    from spa_compiler.io import write_atomic
+
+    chosen_dtypes = tuple(dtypes.split(","))
+    if any(d not in ("fp16", "bf16") for d in chosen_dtypes):
+        raise BadInputError(f"--dtype takes fp16 and/or bf16, not {dtypes!r}")
+    chosen_patterns = tuple(_parse_pattern(p) for p in patterns.split(","))
+    if any(n & (n - 1) for n, _ in chosen_patterns):
+        raise BadInputError(f"the kernels need N:M with N a power of two, not {patterns!r}")
+    options = {
+        "m_values": _parse_ints("--m", m_values), "sizes": _parse_ints("--sizes", sizes),
+        "shapes": _parse_shapes(shapes), "dtypes": chosen_dtypes, "patterns": chosen_patterns,
+    }  # fmt: skip
+    if model and not pathlib.Path(model).is_file():
+        raise BadInputError(f"--model {model}: no such file")
+    try:
+        from spa_compiler.kernels import benchmark
+    except ImportError as error:
+        raise BadInputError(
+            f"spa bench kernels needs torch and triton ({error.name} is missing)"
+        ) from None
+    try:
+        data = benchmark.run(**options, model=model, timing=timing,
+                             log=lambda line: click.echo(line, err=True))  # fmt: skip
+    except benchmark.NoGPUError as error:
+        raise BadInputError(str(error)) from None
+    click.echo(benchmark.table(data))
+    if json_path:
+        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+        write_atomic(pathlib.Path(json_path), text.encode())
+    if plot_path:
+        write_atomic(pathlib.Path(plot_path), benchmark.plot(data))
 
 
 @cli.command(name="verify-nm")

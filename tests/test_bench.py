@@ -92,3 +92,29 @@ def test_bench_refuses_a_file_that_is_not_onnx(tmp_path):
     bogus.write_bytes(b"\x00\x01not a model")
     done = subprocess.run([*SPA, "bench", str(bogus)], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ([], "needs a CUDA GPU"),  # this machine has none: the kernel bench says so, exit 2
+        (["--nm", "3:4"], "N a power of two"),
+        (["--nm", "2:5"], "--nm takes N:M"),
+        (["--dtype", "fp8"], "--dtype takes fp16 and/or bf16"),
+        (["--shapes", "1x2"], "--shapes takes MxNxK"),
+        (["--shapes", "0x8x8"], "--shapes sizes must be positive"),
+        (["--m", "1,x"], "--m takes integers"),
+        (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
+        (["--timing", "wall"], "Invalid value for '--timing'"),
+    ],
+)
+def test_bench_kernels_refuses_what_it_cannot_do(arguments, message):
+    pytest.importorskip("torch")
+    done = subprocess.run([*SPA, "bench", "kernels", *arguments], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bench_is_a_group_that_still_takes_model_files_first():
+    done = subprocess.run([*SPA, "bench", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "kernels" in done.stdout and "models" in done.stdout

@@ -1,0 +1,94 @@
+"""All GPU checks and timings of the Triton N:M kernels in one go (one short GPU session):
+correctness against float64 (fp16/bf16, 2:4/4:8, each product path, ragged shapes, bias+GELU,
+poisoned outputs), then timings in priority order — the issue's fp16 2:4 grid first — saved
+after every shape so a cut-off run keeps what it measured, then a model's matmul shapes.
+
+    python benchmarks/bench_kernels.py --out results/ [--model llama.onnx] [--budget 420]
+
+Writes kernels.json, kernels.png and kernels.txt (the table) into --out; exits 1 if a
+correctness check fails, 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+from spa_compiler.kernels import benchmark
+
+from spa_compiler.io import write_atomic
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--model", help="an ONNX model whose Gemm/MatMul shapes to time")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the timings")
+    parser.add_argument("--quick", action="store_true", help="the fp16 2:4 grid only")
+    parser.add_argument(
+        "--timing",
+        choices=["graph", "eager"],
+        default="graph",
+        help="CUDA-graph replays (device time) or eager Python launches",
+    )
+    args = parser.parse_args()
+    try:
+        benchmark.require_gpu()
+    except benchmark.NoGPUError as error:
+        print(f"bench_kernels: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def save(data: dict) -> None:
+        data["seconds"] = time.perf_counter() - started
+        write_atomic(
+            args.out / "kernels.json", (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+        )
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
+
+    checks = benchmark.gpu_correctness()
+    failed = [c for c in checks if not c["ok"]]
+    worst = max(c["relative_error"] for c in checks)
+    log(f"correctness: {len(checks) - len(failed)}/{len(checks)} ok, worst error {worst:.2e}")
+    for check in failed:
+        log(f"FAILED {check}")
+    data = benchmark.run(m_values=(), sizes=(), log=log, timing=args.timing)  # device, versions
+    data["correctness"] = checks
+    save(data)
+
+    grid_m = (1, 4, 16, 64, 256, 4096)
+    jobs = [(m, s, s, "fp16", (2, 4)) for s in (8192, 4096) for m in grid_m]
+    if not args.quick:
+        jobs += [(m, s, s, "fp16", (4, 8)) for s in (8192, 4096) for m in grid_m]
+        jobs += [(m, 8192, 8192, "bf16", (2, 4)) for m in (1, 16, 4096)]
+    for m, n, k, dtype, pattern in jobs:
+        if time.perf_counter() - started > args.budget:
+            data["skipped"].append([m, n, k, dtype, f"{pattern[0]}:{pattern[1]}", "budget"])
+            continue
+        measured = benchmark.time_shape(m, n, k, dtype, pattern, timing=args.timing)
+        data["shapes"].append(measured.to_json())
+        log(benchmark._row_text(measured))
+        save(data)
+    if args.model and time.perf_counter() - started < args.budget:
+        data["model"] = benchmark._model_estimate(
+            args.model, (1, 16, 256), "fp16", (2, 4), log, args.timing
+        )
+    data["tuned"] = benchmark._tuned()
+    save(data)
+    table = benchmark.table(data)
+    print(table)
+    write_atomic(args.out / "kernels.txt", (table + "\n").encode())
+    write_atomic(args.out / "kernels.png", benchmark.plot(data))
+    log(f"done; GPU memory peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
