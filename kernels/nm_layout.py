@@ -24,6 +24,8 @@ def magnitude_prune(dense: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """``dense`` [R, K] with all but the N largest |w| of every M along K set to zero."""
     check_pattern(n, m)
     rows, k = dense.shape
+    if k % m:
+        raise ValueError(f"K = {k} is not a multiple of M = {m}")
     groups = dense.reshape(rows, k // m, m)
     order = groups.abs().argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :n], True)
@@ -106,6 +108,22 @@ class NMWeight:
             )
         if self.words.dtype != torch.int32 or self.words.shape[0] != self.values.shape[0]:
             raise ValueError("words must be int32 with one row per values row")
+        needed = -(-kept * self.bits // 32)
+        if self.words.dim() != 2 or self.words.shape[1] < needed:
+            raise ValueError(f"words must be [R, ≥ {needed}] for K = {self.k} at {self.n}:{self.m}")
+        # The kernels index rows by their stride and walk each row with unit steps.
+        if (kept and self.values.stride(1) != 1) or (needed and self.words.stride(1) != 1):
+            raise ValueError("values and words rows must be contiguous")
+        if self.values.numel() and self.k:
+            positions = self.positions()
+            # The kernels rely on the format's ascending positions (slot j of a group can only
+            # hold kept value i with i ≤ j ≤ i + M − N): a third-party archive must keep it.
+            ascending = bool((positions[..., 1:] > positions[..., :-1]).all())
+            if not ascending or int(positions.max()) >= self.m:
+                raise ValueError(
+                    f"positions must ascend strictly inside each group of {self.m} and be below "
+                    f"{self.m} (the compressed format of spa_compiler.nm)"
+                )
 
     @property
     def rows(self) -> int:
@@ -142,6 +160,9 @@ class NMWeight:
 
     def positions(self) -> torch.Tensor:
         meta = self.words.contiguous().view(torch.uint8)
+        if meta.shape[1] == 0:
+            shape = (meta.shape[0], self.k // self.m, self.n)
+            return torch.zeros(shape, dtype=torch.uint8, device=meta.device)
         return unpack_positions(meta, self.m, self.k // self.m, self.n)
 
     def to_dense(self) -> torch.Tensor:

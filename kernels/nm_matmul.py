@@ -72,8 +72,10 @@ LARGE_M_CONFIGS = [
     (256, 128, 64, "dot", 8, 3),
 ]
 GROUP_SIZE_M = 8
-# The M bucket (not M itself) keys the tuning cache: M = 3 and M = 4 share a choice.
+# The M bucket (not M itself) keys the tuning cache: M = 3 and M = 4 share a choice; the
+# pattern keys the sparse kernel's too (a 2:4 gather tile is no 2:8 tile).
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+NM_AUTOTUNE_KEY = [*AUTOTUNE_KEY, "KEEP", "GROUP", "BITS"]
 
 
 def _triton_config(block_m, block_n, block_k, mode, warps, stages, split=None) -> triton.Config:
@@ -113,18 +115,33 @@ def _tile_words(block_k: int, keep: int, group: int, bits: int) -> int | None:
     return kept * bits // 32
 
 
+def _whole_words(block_k: int, keep: int, group: int, bits: int) -> int:
+    """The smallest BLOCK_K from ``block_k`` up (doubling) whose tile holds whole metadata
+    words: 1:16 needs 128 where 2:4 takes 32."""
+    while _tile_words(block_k, keep, group, bits) is None:
+        block_k *= 2
+    return block_k
+
+
 def _prune(configs, named_args, **kwargs):
     wanted = {_full(c) for c in _configs_for(named_args["M"])}
     keep = [c for c in configs if _describe(c) in wanted]
     if "KEEP" not in kwargs:  # the dense kernel: nothing to gather
         return [c for c in keep if c.kwargs["MODE"] != MODES["gather"]]
     pattern = (kwargs["KEEP"], kwargs["GROUP"])
-    return [
-        c for c in keep
-        # a sparse tile must hold whole 32-bit metadata words
-        if _tile_words(c.kwargs["BLOCK_K"], *pattern, kwargs["BITS"]) is not None
-        and (c.kwargs["MODE"] != MODES["gather"] or pattern in GATHER_PATTERNS)
-    ]  # fmt: skip
+    chosen = []
+    for config in keep:
+        if config.kwargs["MODE"] == MODES["gather"] and pattern not in GATHER_PATTERNS:
+            continue
+        block_k = _whole_words(config.kwargs["BLOCK_K"], *pattern, kwargs["BITS"])
+        if block_k != config.kwargs["BLOCK_K"]:  # a sparse tile must hold whole words
+            config = triton.Config(
+                {**config.kwargs, "BLOCK_K": block_k},
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        chosen.append(config)
+    return chosen
 
 
 _BLOCKS = list(dict.fromkeys(SMALL_M_CONFIGS + MEDIUM_M_CONFIGS + LARGE_M_CONFIGS))
@@ -276,10 +293,13 @@ def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.c
 
 
 @triton.jit
-def _accumulate(acc, x, w, MODE: tl.constexpr):
+def _accumulate(acc, x, w, MODE: tl.constexpr, IEEE: tl.constexpr):
     # Both branches assign: a compiled kernel does not stop at a return inside a constexpr if.
     if MODE == 0:
-        acc = tl.dot(x, tl.trans(w), acc)
+        if IEEE:  # fp32 inputs: full fp32 products, not tensor cores' tf32 default
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
     else:
         acc = acc + x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
     return acc
@@ -309,7 +329,7 @@ def nm_matmul_kernel(
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -353,7 +373,7 @@ def nm_matmul_kernel(
                                    GROUP, BITS)  # fmt: skip
         else:
             w = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
-            acc = _accumulate(acc, x, w, MODE)
+            acc = _accumulate(acc, x, w, MODE, IEEE)
     acc = _finish(acc, MODE)
     if SPLIT_K == 1:
         acc = _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
@@ -385,7 +405,7 @@ def dense_matmul_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -406,7 +426,7 @@ def dense_matmul_kernel(
             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
             other=0.0,
         )
-        acc = _accumulate(acc, x, w, MODE)
+        acc = _accumulate(acc, x, w, MODE, IEEE)
     acc = _epilogue(_finish(acc, MODE), bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
     _store(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
 
@@ -438,7 +458,7 @@ def decompress_kernel(
 
 
 _nm_matmul_tuned = triton.autotune(
-    NM_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    NM_CONFIGS, key=NM_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
 )(nm_matmul_kernel)
 _dense_matmul_tuned = triton.autotune(
     DENSE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune}
@@ -468,13 +488,21 @@ def _launch_options(config: dict | None) -> dict | None:
     return options
 
 
-def _check_inputs(x: torch.Tensor, k: int, n: int, bias, out) -> torch.Tensor:
+# Pointer offsets are 32-bit inside the kernels.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def _check_inputs(x: torch.Tensor, k: int, n: int, bias, out, activation: str) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], not {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, not {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must be [{n}], not {list(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
+    if max(x.shape[0] * k, x.shape[0] * n, n * k) > MAX_ELEMENTS:
+        raise ValueError("operands over 2**31 elements need 64-bit offsets the kernels lack")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] in {x.dtype}, not {list(bias.shape)} {bias.dtype}")
     if out is None:
         return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     if tuple(out.shape) != (x.shape[0], n):
@@ -488,8 +516,12 @@ def _grid(meta: dict, m: int, n: int) -> tuple[int, ...]:
 
 
 # Split-K scratch per (device, stream): an fp32 partial-sum buffer and one arrival counter per
-# output tile, both zero between calls (the last split of each tile resets its part).
+# output tile, both zero between calls (the last split of each tile resets its part). A buffer
+# outgrown is kept, not freed: a CUDA graph captured earlier may still hold its address.
 _SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
+# Only decode-size M has split-K configurations (SMALL_M_CONFIGS).
+SPLIT_K_UP_TO_M = 8
 
 
 def _split_scratch(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,8 +529,11 @@ def _split_scratch(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, 
     key = (str(device), stream)
     partial, arrivals = _SPLIT_SCRATCH.get(key, (None, None))
     if partial is None or partial.numel() < m * n:
-        partial = torch.zeros(max(m * n, 1 << 16), dtype=torch.float32, device=device)
-        arrivals = torch.zeros(max(m * n, 1 << 16), dtype=torch.int32, device=device)
+        if partial is not None:
+            _OUTGROWN.append((partial, arrivals))
+        # m·n partial sums; tiles ≤ m·n, one arrival counter each
+        partial = torch.zeros(max(m * n, 1 << 12), dtype=torch.float32, device=device)
+        arrivals = torch.zeros(max(m * n, 1 << 12), dtype=torch.int32, device=device)
         _SPLIT_SCRATCH[key] = (partial, arrivals)
     return partial, arrivals
 
@@ -516,25 +551,31 @@ def nm_matmul(
     if weight.values.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the weight is {weight.values.dtype}")
     m, n = x.shape[0], weight.rows
-    out = _check_inputs(x, weight.k, n, bias, out)
+    out = _check_inputs(x, weight.k, n, bias, out, activation)
     if m == 0 or n == 0:
         return out
-    partial, arrivals = _split_scratch(x.device, m, n)  # tiles ≤ m·n: one counter each
+    options = _launch_options(config)
+    if options is not None:
+        options.setdefault("SPLIT_K", 1)
+    may_split = m <= SPLIT_K_UP_TO_M if options is None else options["SPLIT_K"] > 1
+    partial, arrivals = _split_scratch(x.device, m, n) if may_split else (out, out)
+    bias = bias.contiguous() if bias is not None else out  # out: never read without a bias
     args = (
-        x, weight.values, weight.words, bias if bias is not None else out, out, partial, arrivals,
+        x, weight.values, weight.words, bias, out, partial, arrivals,
         m, n, weight.k, triton.next_power_of_2(m),
         x.stride(0), x.stride(1), weight.values.stride(0), weight.words.stride(0),
         out.stride(0), out.stride(1),
     )  # fmt: skip
     fixed = {
         "KEEP": weight.n, "GROUP": weight.m, "BITS": weight.bits,
-        "HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATIONS[activation],
+        "HAS_BIAS": bias is not out, "ACTIVATION": ACTIVATIONS[activation],
+        "IEEE": x.dtype == torch.float32,
     }  # fmt: skip
-    options = _launch_options(config)
     if options is None:
         _nm_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)
         return out
-    options.setdefault("SPLIT_K", 1)
+    if config is None:  # the interpreter's fixed tile, widened for 1:16 and the like
+        options["BLOCK_K"] = _whole_words(options["BLOCK_K"], weight.n, weight.m, weight.bits)
     if _tile_words(options["BLOCK_K"], weight.n, weight.m, weight.bits) is None:
         raise ValueError(
             f"BLOCK_K = {options['BLOCK_K']} splits {weight.n}:{weight.m} metadata words"
@@ -550,9 +591,12 @@ def decompress(weight: NMWeight, out: torch.Tensor | None = None) -> torch.Tenso
     n, k = weight.rows, weight.k
     if out is None:
         out = torch.empty((n, k), dtype=weight.values.dtype, device=weight.values.device)
+    if tuple(out.shape) != (n, k) or (k and out.stride(1) != 1) or out.dtype != weight.values.dtype:
+        raise ValueError(f"out must be a row-major [{n}, {k}] {weight.values.dtype} tensor")
+    if n * k > MAX_ELEMENTS:
+        raise ValueError("a weight over 2**31 elements needs 64-bit offsets the kernels lack")
     block_n, block_k = (16, 64) if interpreting() else (32, 256)
-    if _tile_words(block_k, weight.n, weight.m, weight.bits) is None:
-        block_k *= 4  # 1:4, 1:8 and 2:16 need wider tiles to hold whole metadata words
+    block_k = _whole_words(block_k, weight.n, weight.m, weight.bits)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     decompress_kernel[grid](
         weight.values, weight.words, out, n, k,
@@ -569,10 +613,11 @@ def nm_linear(
     activation: str = "none",
     dense_from_m: int = DENSE_FROM_M,
 ) -> torch.Tensor:
-    """What a deployment calls: the sparse kernel for decode-size M; above ``dense_from_m``
-    rows, where the product is compute bound, the weight expanded once and cuBLAS."""
+    """What a deployment calls: the sparse kernel for decode-size M; from ``dense_from_m``
+    rows on, where the product is compute bound, the weight expanded once and cuBLAS."""
     if x.shape[0] < dense_from_m:
         return nm_matmul(x, weight, bias, activation)
+    _check_inputs(x, weight.k, weight.rows, bias, None, activation)
     out = torch.nn.functional.linear(x, decompress(weight), bias)
     if activation == "relu":
         out = torch.relu_(out)
@@ -595,16 +640,18 @@ def dense_matmul(
     if weight.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the weight is {weight.dtype}")
     m, n = x.shape[0], weight.shape[0]
-    out = _check_inputs(x, weight.shape[1], n, bias, out)
+    out = _check_inputs(x, weight.shape[1], n, bias, out, activation)
     if m == 0 or n == 0:
         return out
+    bias = bias.contiguous() if bias is not None else out  # out: never read without a bias
     args = (
-        x, weight, bias if bias is not None else out, out,
+        x, weight, bias, out,
         m, n, weight.shape[1], triton.next_power_of_2(m),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1),
     )  # fmt: skip
-    fixed = {"HAS_BIAS": bias is not None, "ACTIVATION": ACTIVATIONS[activation]}
+    fixed = {"HAS_BIAS": bias is not out, "ACTIVATION": ACTIVATIONS[activation],
+             "IEEE": x.dtype == torch.float32}  # fmt: skip
     options = _launch_options(config)
     if options is None:
         _dense_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)

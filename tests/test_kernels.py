@@ -220,6 +220,58 @@ def test_bad_operands_are_refused_with_clear_errors():
         nm_matmul(torch.randn(2, 32).half(), weight, config={**DOT, "MODE": "fast"})
 
 
+def test_archives_that_break_the_format_are_refused():
+    rows = torch.from_numpy(_sparse_rows(np.random.default_rng(3), 4, 16, 2, 4)).half()
+    values, positions = nm_layout.compress(rows, 2, 4)
+    backwards = nm_layout.pack_positions(positions.flip(-1), 4)  # descending inside each group
+    with pytest.raises(ValueError, match="positions must ascend strictly"):
+        NMWeight.from_compressed(values.flip(-1).numpy(), backwards.numpy(), 2, 4, 16)
+    rows8 = torch.from_numpy(_sparse_rows(np.random.default_rng(4), 4, 16, 2, 8)).half()
+    values8, positions8 = nm_layout.compress(rows8, 2, 8)
+    positions8[0, 0, 1] = 9  # no slot 9 in a group of 8
+    with pytest.raises(ValueError, match="below 8"):
+        NMWeight.from_compressed(values8, nm_layout.pack_positions(positions8, 8), 2, 8, 16)
+    weight = NMWeight.from_dense(rows, 2, 4)
+    with pytest.raises(ValueError, match=r"words must be \[R, ≥ 1\]"):
+        NMWeight(weight.values, weight.words[:, :0], 2, 4, 16)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        NMWeight(weight.values.T.contiguous().T, weight.words, 2, 4, 16)
+
+
+def test_strided_bias_fp32_bias_and_bad_activation():
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 64, generator=generator, dtype=torch.float16)
+    weight = NMWeight.from_dense(torch.randn(16, 64, generator=generator).half(), 2, 4, True)
+    bias = torch.randn(32, generator=generator, dtype=torch.float16)[::2]  # stride 2
+    out = nm_matmul(x, weight, bias, config=GATHER)
+    _check(out, reference_matmul(x, weight.to_dense(), bias), x.dtype)
+    with pytest.raises(ValueError, match=r"bias must be \[16\] in torch.float16"):
+        nm_matmul(x, weight, bias.float())
+    for call in (nm_matmul, dense_matmul):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            call(x, weight if call is nm_matmul else weight.to_dense(), activation="Relu")
+    from spa_compiler.kernels.nm_matmul import decompress, nm_linear
+
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nm_linear(x, weight, activation="Relu", dense_from_m=1)
+    with pytest.raises(ValueError, match="row-major"):
+        decompress(weight, out=torch.empty(64, 16, dtype=torch.float16).T)
+
+
+def test_one_of_sixteen_finds_a_tile_at_every_size():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(70, 128, generator=generator, dtype=torch.float32)
+    weight = NMWeight.from_dense(torch.randn(8, 128, generator=generator), 1, 16, prune=True)
+    _check(nm_matmul(x, weight), reference_matmul(x, weight.to_dense()), torch.float32)
+    from spa_compiler.kernels.nm_matmul import NM_CONFIGS, _prune
+
+    for rows in (1, 4, 16, 64, 100, 4096):  # every bucket keeps a configuration for 1:16
+        for pattern in ((1, 16, 4), (2, 4, 2), (4, 8, 4), (1, 4, 2)):
+            kept = _prune(NM_CONFIGS, {"M": rows}, KEEP=pattern[0], GROUP=pattern[1],
+                          BITS=pattern[2])  # fmt: skip
+            assert kept, (rows, pattern)
+
+
 def test_export_compressed_archive_feeds_the_kernel(tmp_path):
     out, archive = tmp_path / "out.onnx", tmp_path / "w.npz"
     done = subprocess.run(
