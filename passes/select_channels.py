@@ -24,13 +24,30 @@ def excluded(group: Group, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
 
-def kept_count(group: Group, ratio: float, round_to: int) -> int:
+# ``round_to="auto"``: channel counts onnxruntime's and the GPU libraries' kernels run at full
+# width — its CPU convolutions block channels by the SIMD width (8 fp32 lanes with AVX2, 16
+# with AVX-512), tensor cores take multiples of 8 — for groups wide enough to afford it:
+# (at least this many channels, multiple of).
+AUTO_ROUNDING = ((256, 16), (64, 8))
+
+
+def rounding_unit(group: Group, round_to: int | str, align: int = 1) -> int:
+    """The multiple a group's kept count is rounded to (``align``: also a multiple of this,
+    e.g. M for N:M), counted in the group's own units (whole heads stay whole)."""
+    if round_to == "auto":  # sized by the tensor's width: channels × channels per unit
+        width = group.channels * group.granularity
+        round_to = next((unit for size, unit in AUTO_ROUNDING if width >= size), 1)
+    unit = math.lcm(int(round_to), align)
+    return unit // math.gcd(unit, group.granularity)
+
+
+def kept_count(group: Group, ratio: float, round_to: int | str, align: int = 1) -> int:
     """Channels to keep: remove ``ratio`` of them, keep the tensor size a multiple of
-    ``round_to`` where possible, and never empty the group."""
+    ``round_to`` (and ``align``) where possible, and never empty the group."""
     channels = group.channels
     keep = channels - math.floor(ratio * channels + 1e-9)
-    if round_to > 1 and ratio > 0:  # ratio 0 asks to remove nothing, rounding included
-        unit = round_to // math.gcd(round_to, group.granularity)
+    unit = rounding_unit(group, round_to, align)
+    if unit > 1 and ratio > 0:  # ratio 0 asks to remove nothing, rounding included
         rounded = max(unit, round(keep / unit) * unit)
         keep = rounded if rounded <= channels else keep
     return max(1, min(channels, keep))
@@ -70,7 +87,7 @@ class SelectChannels(Pass):
         ratio: float,
         criterion: str = "l1",
         aggregation: str = "sum",
-        round_to: int = 1,
+        round_to: int | str = "auto",
         exclude: Sequence[str] = (),
         seed: int = 0,
         global_ranking: bool = False,
@@ -78,13 +95,14 @@ class SelectChannels(Pass):
         normalization: str = "mean",
         scores: dict[int, np.ndarray] | None = None,
         context: ObsContext | None = None,
+        align: int = 1,
     ) -> None:
         """``scores``: a cache of group scores shared by selections of the same model (a
         ratio search selects many times; the scores do not depend on the ratio)."""
         if not 0.0 <= ratio < 1.0:
             raise BadInputError(f"ratio must be in [0, 1), not {ratio}")
-        if round_to < 1:
-            raise BadInputError(f"round-to must be a positive integer, not {round_to}")
+        if round_to != "auto" and (not isinstance(round_to, int) or round_to < 1):
+            raise BadInputError(f"round-to must be a positive integer or auto, not {round_to}")
         if not 0.0 < max_group_ratio < 1.0:
             raise BadInputError(f"max-group-ratio must be in (0, 1), not {max_group_ratio}")
         self.analysis = analysis
@@ -92,6 +110,7 @@ class SelectChannels(Pass):
         self.criterion = criterion
         self.aggregation = aggregation
         self.round_to = round_to
+        self.align = align
         self.exclude = tuple(exclude)
         self.seed = seed
         self.global_ranking = global_ranking
@@ -136,9 +155,9 @@ class SelectChannels(Pass):
             else:
                 if self.global_ranking:
                     local_ratio = 1.0 - counts[index] / group.channels
-                    count = kept_count(group, local_ratio, self.round_to)
+                    count = kept_count(group, local_ratio, self.round_to, self.align)
                 else:
-                    count = kept_count(group, self.ratio, self.round_to)
+                    count = kept_count(group, self.ratio, self.round_to, self.align)
                 # Highest scores stay; ties broken by channel index for determinism.
                 order = np.lexsort((np.arange(group.channels), -scores[index]))
                 keep = np.sort(order[:count])
@@ -155,6 +174,7 @@ class SelectChannels(Pass):
                 "aggregation": self.aggregation,
                 "normalization": self.normalization,
                 "round_to": self.round_to,
+                "align": self.align,
                 "exclude": list(self.exclude),
                 "seed": self.seed,
                 "global": self.global_ranking,

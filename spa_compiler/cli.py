@@ -194,10 +194,11 @@ EXIT_NOTHING_TO_PRUNE = 3
 )
 @click.option(
     "--round-to",
-    type=click.IntRange(min=1),
-    default=1,
+    default="auto",
     show_default=True,
-    help="Keep channel counts multiples of N where possible.",
+    metavar="N|auto",
+    help="Keep channel counts multiples of N where possible; auto: 16 for groups of 256 "
+    "channels or more, 8 from 64 (what vectorised kernels run at full width), else 1.",
 )
 @click.option(
     "--heads",
@@ -274,7 +275,7 @@ def compile_command(
     input_range: str | None,
     aggregate: str,
     normalize: str | None,
-    round_to: int,
+    round_to: str,
     heads: str,
     exclude: tuple[str, ...],
     seed: int,
@@ -315,7 +316,7 @@ def compile_command(
         ratio=0.3 if ratio is None else ratio,
         criterion=criterion,
         aggregation=aggregate,
-        round_to=round_to,
+        round_to=_parse_round_to(round_to),
         exclude=exclude,
         heads=heads,
         seed=seed,
@@ -542,6 +543,20 @@ def verify_nm(model: str, nm_pattern: str) -> None:
     click.echo(f"{len(found.targets) - bad} of {len(found.targets)} eligible weights are {n}:{m}")
     if bad:
         raise click.exceptions.Exit(EXIT_FAILURE)
+
+
+def _parse_round_to(text: str) -> int | str:
+    from spa_compiler.errors import BadInputError
+
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BadInputError(f"--round-to takes a positive integer or auto, not {text!r}")
+    return value
 
 
 def _parse_pattern(text: str | None) -> tuple[int, int] | None:

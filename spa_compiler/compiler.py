@@ -3,7 +3,6 @@ validate, as a list of passes; saving is the caller's (or the CLI's) step."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -279,7 +278,7 @@ def compile(
     ratio: float = 0.3,
     criterion: str = "obspa",
     aggregation: str = "sum",
-    round_to: int = 1,
+    round_to: int | str = "auto",
     exclude: Sequence[str] = (),
     heads: str = "head",
     seed: int = 0,
@@ -350,9 +349,10 @@ def compile(
     removes = plan is not None or ratio > 0 or target is not None or global_ranking
     # nothing to score or refit when no channel goes (--nm alone, --ratio 0)
     uses_obs = (plan.criterion if plan is not None else criterion) == "obspa" and removes
+    align = 1
     if nm is not None and len(nm) == 2 and nm[1] > 0:
         # channel counts that stay multiples of M keep every reduction N:M-eligible
-        round_to = math.lcm(round_to, int(nm[1]))
+        align = int(nm[1])
     compensate = uses_obs if compensate is None else compensate and removes
     if normalization is None:
         normalization = "none" if criterion == "obspa" else "mean"
@@ -392,6 +392,7 @@ def compile(
                 normalization,
                 scores,
                 context,
+                align,
             )
             return selection(loaded).details["plan"]
 

@@ -54,6 +54,34 @@ def test_pruning_shrinks_and_rounds():
     assert all(w.dims[0] % 8 == 0 for w in weights.values() if len(w.dims) == 4 and w.dims[0] > 3)
 
 
+def test_round_to_auto_keeps_wide_groups_at_simd_multiples():
+    from spa_compiler.passes.select_channels import kept_count
+
+    from spa_compiler.channel_graph import Group
+
+    def group(channels: int, granularity: int = 1) -> Group:
+        return Group(0, channels, granularity, [], [], True)
+
+    assert kept_count(group(64), 0.3, "auto") == 48  # 45 -> a multiple of 8
+    assert kept_count(group(64), 0.3, 1) == 45  # exactly the fraction asked
+    assert kept_count(group(512), 0.3, "auto") == 352  # 359 -> a multiple of 16
+    assert kept_count(group(48), 0.3, "auto") == 34  # narrow groups are not rounded
+    assert kept_count(group(12, 64), 0.3, "auto") == 9  # 12 heads of 64: whole heads stay
+    assert kept_count(group(256), 0.3, "auto", align=4) == 176  # N:M's M joins the multiple
+    assert kept_count(group(512), 0.0, "auto") == 512  # ratio 0 removes nothing
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "eight", "1.5"])
+def test_bad_round_to_is_refused(tmp_path, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "spa_compiler", "compile", f"{MODELS}/digits_cnn.onnx",
+         "--ratio", "0.3", "--round-to", value, "-o", str(tmp_path / "out.onnx")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--round-to takes a positive integer or auto" in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_every_group_keeps_a_channel_at_high_ratio():
     _, report = spa_compiler.compile(f"{MODELS}/mobilenet_tiny.onnx", ratio=0.99)
     assert all(len(g.keep) >= 1 for g in report.plan.groups)
