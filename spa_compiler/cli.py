@@ -259,6 +259,14 @@ EXIT_NOTHING_TO_PRUNE = 3
 @click.option(
     "--bench", "run_bench", is_flag=True, help="Then time the output against the input (CPU)."
 )
+@click.option(
+    "--external-data",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Write the weights to OUTPUT.data; auto: when the input keeps its weights in external "
+    "data or the output is over protobuf's 2 GB.",
+)
 @click.option("--force", is_flag=True, help="Allow the output path to be the input path.")
 def compile_command(
     model: str,
@@ -287,6 +295,7 @@ def compile_command(
     nm_exclude: tuple[str, ...],
     export_compressed: str | None,
     run_bench: bool,
+    external_data: str,
     force: bool,
 ) -> None:
     """Prune MODEL structurally and write a valid, smaller ONNX model to OUTPUT."""
@@ -294,11 +303,13 @@ def compile_command(
 
     from spa_compiler.compiler import compile as compile_model
     from spa_compiler.errors import BadInputError
-    from spa_compiler.io import write_atomic
+    from spa_compiler.io import PROTOBUF_LIMIT, data_file_for, write_atomic, write_model
+    from spa_compiler.ir import forget, held_weights
     from spa_compiler.plan import Plan
 
     source, target = pathlib.Path(model), pathlib.Path(output)
-    _check_output_paths(source, output, save_plan, report_path, force, export_compressed)
+    _check_output_paths(source, output, save_plan, report_path, force, export_compressed,
+                        external_data != "never")  # fmt: skip
     pattern = _parse_pattern(nm_pattern)
     if (export_compressed or nm_exclude) and pattern is None:
         option = "--export-compressed" if export_compressed else "--nm-exclude"
@@ -333,22 +344,31 @@ def compile_command(
         nm=pattern,
         nm_method=nm_method,
         nm_exclude=nm_exclude,
+        self_contained=False,  # large weights stay arrays until write_model streams them
     )
-    data = proto.SerializeToString()
-    if len(data) >= 2**31:
-        raise BadInputError(
-            "the pruned model is over 2 GB; external-data output is not yet supported"
+    archive = None
+    if export_compressed:  # before writing: writing moves the weights out of the proto
+        from spa_compiler.nm import compressed_archive
+
+        archive = compressed_archive(proto, report.nm)
+    external = external_data == "always" or (
+        external_data == "auto"
+        and (
+            len(_input_files(source)) > 1
+            or proto.ByteSize() + sum(a.nbytes for a in held_weights(proto).values())
+            >= PROTOBUF_LIMIT
         )
-    write_atomic(target, data)
+    )
+    try:
+        write_model(target, proto, external)
+    finally:
+        forget(proto)
     if save_plan:
         report.plan.save(save_plan)
     if report_path:
         text = json.dumps(report.to_json(), indent=1, sort_keys=True) + "\n"
         write_atomic(pathlib.Path(report_path), text.encode())
-    if export_compressed:
-        from spa_compiler.nm import compressed_archive
-
-        archive = compressed_archive(proto, report.nm)
+    if archive is not None:
         write_atomic(pathlib.Path(export_compressed), archive)
         if not any(not entry["method"].endswith("(quantized)") for entry in report.nm["applied"]):
             report.warnings.append(
@@ -356,7 +376,7 @@ def compile_command(
                 "(quantized weights are not exported compressed)"
             )
     click.echo(report.summary())
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {output}" + (f" and {data_file_for(target)}" if external else ""))
     if run_bench:
         from spa_compiler.latency import bench
 
@@ -614,14 +634,17 @@ def _check_output_paths(
     report: str | None,
     force: bool,
     compressed: str | None = None,
+    external: bool = False,
 ) -> None:
     """Outputs never overwrite the input model, its external data, or each other."""
     from spa_compiler.errors import BadInputError
 
     protected = _input_files(source) if source.is_file() else set()
     seen: dict[pathlib.Path, str] = {}
+    data_file = str(pathlib.Path(output).with_name(f"{pathlib.Path(output).name}.data"))
     for option, path in (
         ("-o", output),
+        ("-o's external data", data_file if external else None),
         ("--save-plan", save_plan),
         ("--report", report),
         ("--export-compressed", compressed),

@@ -18,7 +18,18 @@ from spa_compiler import flops
 from spa_compiler.analysis import Analysis, weight_sizes
 from spa_compiler.criteria import ObsContext
 from spa_compiler.errors import BadInputError
-from spa_compiler.ir import Model, is_anonymous_dim, model_from_proto, read_model_proto
+from spa_compiler.ir import (
+    SKELETON_ELEMENTS,
+    HeldValues,
+    Model,
+    forget,
+    held_reference,
+    hold,
+    is_anonymous_dim,
+    materialize,
+    model_from_proto,
+    read_model_proto,
+)
 from spa_compiler.pipeline import run_passes
 from spa_compiler.plan import Plan, check_plan_matches
 
@@ -158,13 +169,30 @@ def estimate(graph: gs.Graph, groups: dict[int, Any], plan: Plan) -> dict[str, i
 
 
 def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
-    """The rewritten graph as a ModelProto with the original's opsets, IR and metadata."""
+    """The rewritten graph as a ModelProto with the original's opsets, IR and metadata. Large
+    weights are held (``ir.hold``), not copied into the proto: the caller ``forget``s them or
+    ``materialize``s the proto."""
     graph = model.graph
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    arrays: dict[str, np.ndarray] = {}
+    swapped: list[tuple[gs.Constant, Any]] = []
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.shape is not None:
             tensor.shape = [None if is_anonymous_dim(d) else d for d in tensor.shape]
-    proto = gs.export_onnx(graph, do_type_check=False)
+        elif isinstance(tensor, gs.Constant) and _holdable(tensor):
+            values = np.asarray(tensor.values)
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            arrays[tensor.name] = values
+            swapped.append((tensor, tensor._values))
+            tensor._values = HeldValues(
+                held_reference(tensor.name, data_type, values.shape), values
+            )
+    try:
+        proto = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in swapped:  # the graph keeps its own values
+            tensor._values = values
+    hold(proto, arrays)
     del proto.graph.value_info[:]
     original_outputs = {value.name: value for value in original.graph.output}
     for value in proto.graph.output:  # the interface stays as its author declared it
@@ -184,6 +212,19 @@ def export(model: Model, original: onnx.ModelProto) -> onnx.ModelProto:
     del proto.metadata_props[:]
     proto.metadata_props.extend(original.metadata_props)
     return proto
+
+
+def _holdable(constant: gs.Constant) -> bool:
+    """A weight worth holding as an array: large, numeric, in a dtype numpy stores natively."""
+    if int(np.prod(constant.shape, dtype=np.int64)) <= SKELETON_ELEMENTS:
+        return False
+    dtype = np.asarray(constant.values).dtype
+    return (
+        dtype.kind in "fiub"
+        and dtype.isnative
+        and dtype.name != "bool"
+        and (dtype.itemsize > 1 or dtype.kind in "iu")
+    )
 
 
 def _sparsify(
@@ -232,6 +273,8 @@ def _sparsify(
             if calibration is not None:
                 raise
             warnings.append(f"{error}; N:M masks chosen by magnitude instead")
+        finally:
+            forget(current)
         timings.append(("nm-moments", time.perf_counter() - started))
     result = run_passes(model, [SparsifyNM(n, m, method, exclude, moments)])
     timings += [(name, seconds) for name, _, seconds in result.results]
@@ -264,12 +307,20 @@ def _load(
     started = time.perf_counter()
     # graphsurgeon reads the proto's tensors without changing them, and every rewrite replaces
     # a constant's values instead of writing into them: no copy of the weights is needed.
-    original = model if isinstance(model, onnx.ModelProto) else read_model_proto(model)
-    imported = model_from_proto(original)
-    timings.append(("load", time.perf_counter() - started))
-    started = time.perf_counter()
-    prepared = spa_compiler.prepare(imported)
-    timings.append(("prepare", time.perf_counter() - started))
+    # A file's large external weights are read straight into arrays (held, see ir.hold).
+    if isinstance(model, onnx.ModelProto):
+        original = model
+    else:
+        original = read_model_proto(model, hold_large=True)
+    try:
+        imported = model_from_proto(original)
+        timings.append(("load", time.perf_counter() - started))
+        started = time.perf_counter()
+        prepared = spa_compiler.prepare(imported)
+        timings.append(("prepare", time.perf_counter() - started))
+    except BaseException:
+        forget(original)
+        raise
     return prepared, original
 
 
@@ -296,6 +347,7 @@ def compile(
     nm: tuple[int, int] | None = None,
     nm_method: str = "obs",
     nm_exclude: Sequence[str] = (),
+    self_contained: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune ``model`` structurally; return the pruned ModelProto and a Report.
 
@@ -304,6 +356,11 @@ def compile(
     instead (at most ``max_group_ratio`` of a group). ``target_flops`` / ``target_params``
     (fractions of the original to keep) search the ratio that reaches them. ``plan`` applies a
     saved plan instead.
+
+    ``self_contained=False`` leaves the large weights of the returned proto as arrays it
+    references (``spa_compiler.ir.held_weights``) instead of copying them into it: write it
+    with ``spa_compiler.io.write_model`` (which reads them), then ``spa_compiler.ir.forget``
+    it — how the CLI writes models larger than memory would hold twice.
 
     ``criterion="obspa"`` scores channels by the Optimal-Brain-Surgeon error of their
     consumers under second moments from ``moments`` ("synthetic" inputs run through
@@ -337,163 +394,179 @@ def compile(
     started = time.perf_counter()
     timings: list[tuple[str, float]] = []
     loaded, original = _load(model, timings)
-    before = measure(loaded.graph)
-    output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
+    proto = None
+    try:
+        before = measure(loaded.graph)
+        output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
 
-    analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
-    timings += [(name, seconds) for name, _, seconds in analyzed.results]
-    analysis: Analysis = analyzed.results[-1][1].details["analysis"]
-    target_key, target = (
-        ("macs", target_flops) if target_flops is not None else ("parameters", target_params)
-    )
-    removes = plan is not None or ratio > 0 or target is not None or global_ranking
-    # nothing to score or refit when no channel goes (--nm alone, --ratio 0)
-    uses_obs = (plan.criterion if plan is not None else criterion) == "obspa" and removes
-    align = 1
-    if nm is not None and len(nm) == 2 and nm[1] > 0:
-        # channel counts that stay multiples of M keep every reduction N:M-eligible
-        align = int(nm[1])
-    compensate = uses_obs if compensate is None else compensate and removes
-    if normalization is None:
-        normalization = "none" if criterion == "obspa" else "mean"
-    statistics: dict[str, Any] = {}
-    context = None
-    warnings: list[str] = []
-    if calibration is not None and not (uses_obs or compensate) and nm is None:
-        warnings.append("--calib is used by obspa and by compensation only: ignored")
-    if uses_obs or compensate:
-        estimated = run_passes(
-            loaded,
-            [EstimateMoments(analysis, original, moments, calibration, seed, input_range)],
+        analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
+        timings += [(name, seconds) for name, _, seconds in analyzed.results]
+        analysis: Analysis = analyzed.results[-1][1].details["analysis"]
+        target_key, target = (
+            ("macs", target_flops) if target_flops is not None else ("parameters", target_params)
         )
-        timings += [(name, seconds) for name, _, seconds in estimated.results]
-        statistics = estimated.results[-1][1].details
-        warnings += statistics.pop("warnings", [])
-        # The greedy OBS order is only needed as deep as a selection may cut: a uniform
-        # ratio needs little beyond it (rounding), a search or global ranking needs it all.
-        searching = plan is None and (target is not None or global_ranking)
-        depth = 1.0 if searching else min(1.0, ratio + 0.1)
-        context = ObsContext(loaded.graph, statistics["moments"], depth)
-    achieved: float | None = None
-    if plan is None:
-        scores: dict[int, np.ndarray] = {}
-
-        def select(trial_ratio: float) -> Plan:
-            selection = SelectChannels(
-                analysis,
-                trial_ratio,
-                criterion,
-                aggregation,
-                round_to,
-                exclude,
-                seed,
-                global_ranking,
-                max_group_ratio,
-                normalization,
-                scores,
-                context,
-                align,
+        removes = plan is not None or ratio > 0 or target is not None or global_ranking
+        # nothing to score or refit when no channel goes (--nm alone, --ratio 0)
+        uses_obs = (plan.criterion if plan is not None else criterion) == "obspa" and removes
+        align = 1
+        if nm is not None and len(nm) == 2 and nm[1] > 0:
+            # channel counts that stay multiples of M keep every reduction N:M-eligible
+            align = int(nm[1])
+        compensate = uses_obs if compensate is None else compensate and removes
+        if normalization is None:
+            normalization = "none" if criterion == "obspa" else "mean"
+        statistics: dict[str, Any] = {}
+        context = None
+        warnings: list[str] = []
+        if calibration is not None and not (uses_obs or compensate) and nm is None:
+            warnings.append("--calib is used by obspa and by compensation only: ignored")
+        if uses_obs or compensate:
+            estimated = run_passes(
+                loaded,
+                [EstimateMoments(analysis, original, moments, calibration, seed, input_range)],
             )
-            return selection(loaded).details["plan"]
+            timings += [(name, seconds) for name, _, seconds in estimated.results]
+            statistics = estimated.results[-1][1].details
+            warnings += statistics.pop("warnings", [])
+            # The greedy OBS order is only needed as deep as a selection may cut: a uniform
+            # ratio needs little beyond it (rounding), a search or global ranking needs it all.
+            searching = plan is None and (target is not None or global_ranking)
+            depth = 1.0 if searching else min(1.0, ratio + 0.1)
+            context = ObsContext(loaded.graph, statistics["moments"], depth)
+        achieved: float | None = None
+        if plan is None:
+            scores: dict[int, np.ndarray] = {}
 
+            def select(trial_ratio: float) -> Plan:
+                selection = SelectChannels(
+                    analysis,
+                    trial_ratio,
+                    criterion,
+                    aggregation,
+                    round_to,
+                    exclude,
+                    seed,
+                    global_ranking,
+                    max_group_ratio,
+                    normalization,
+                    scores,
+                    context,
+                    align,
+                )
+                return selection(loaded).details["plan"]
+
+            if target is not None:
+                started_search = time.perf_counter()
+                groups = {g.id: g for g in analysis.prunable}
+                base = max(1, before[target_key])
+
+                def fraction(trial_ratio: float) -> float:
+                    return estimate(loaded.graph, groups, select(trial_ratio))[target_key] / base
+
+                low, high = 0.0, 0.99
+                if fraction(high) > target:
+                    ratio = high
+                else:
+                    for _ in range(14):
+                        middle = (low + high) / 2
+                        low, high = (middle, high) if fraction(middle) > target else (low, middle)
+                    ratio = high
+                timings.append(("search-ratio", time.perf_counter() - started_search))
+            started_select = time.perf_counter()
+            plan = select(ratio)
+            timings.append(("select-channels", time.perf_counter() - started_select))
+            if statistics:  # how the moments were made: applying the plan again needs the same
+                plan.metadata["moments"] = statistics["source"]
+                plan.metadata["input_range"] = list(input_range) if input_range else None
+        elif statistics and plan.metadata.get("moments") not in (None, statistics["source"]):
+            warnings.append(
+                f"the plan was made with {plan.metadata['moments']} moments, compensated now with "
+                f"{statistics['source']} ones: the refitted weights differ from the first compile's"
+            )
+        matched = check_plan_matches(plan, analysis)
+
+        if compensate and statistics:
+            compensated = run_passes(
+                loaded, [CompensateWeights(plan, matched, statistics["moments"])]
+            )
+            timings += [(name, seconds) for name, _, seconds in compensated.results]
+            statistics.update(compensated.results[-1][1].details)
+        rewritten = run_passes(
+            loaded, [PruneChannels(plan, matched), InferShapes(), CompleteShapes()]
+        )
+        if rewritten.results[-1][1].changed:
+            rewritten = run_passes(rewritten.model, [InferShapes()])
+        timings += [(name, seconds) for name, _, seconds in rewritten.results]
+        sparsity = None
+        if nm is not None:
+            sparsity = _sparsify(
+                rewritten.model, original, nm, nm_method, nm_exclude, calibration, seed, input_range
+            )
+            timings += sparsity.pop("timings")
+            warnings += sparsity.pop("warnings")
+        after = measure(rewritten.model.graph)
         if target is not None:
-            started_search = time.perf_counter()
-            groups = {g.id: g for g in analysis.prunable}
-            base = max(1, before[target_key])
+            achieved = after[target_key] / max(1, before[target_key])
+        started_export = time.perf_counter()
+        proto = export(rewritten.model, original)
+        timings.append(("export", time.perf_counter() - started_export))
+        if validate:
+            checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
+            timings += [(name, seconds) for name, _, seconds in checked.results]
+            warnings += checked.results[-1][1].details.get("warnings", [])
 
-            def fraction(trial_ratio: float) -> float:
-                return estimate(loaded.graph, groups, select(trial_ratio))[target_key] / base
-
-            low, high = 0.0, 0.99
-            if fraction(high) > target:
-                ratio = high
-            else:
-                for _ in range(14):
-                    middle = (low + high) / 2
-                    low, high = (middle, high) if fraction(middle) > target else (low, middle)
-                ratio = high
-            timings.append(("search-ratio", time.perf_counter() - started_search))
-        started_select = time.perf_counter()
-        plan = select(ratio)
-        timings.append(("select-channels", time.perf_counter() - started_select))
-        if statistics:  # how the moments were made: applying the plan again needs the same
-            plan.metadata["moments"] = statistics["source"]
-            plan.metadata["input_range"] = list(input_range) if input_range else None
-    elif statistics and plan.metadata.get("moments") not in (None, statistics["source"]):
-        warnings.append(
-            f"the plan was made with {plan.metadata['moments']} moments, compensated now with "
-            f"{statistics['source']} ones: the refitted weights differ from the first compile's"
+        if target is not None and achieved is not None and achieved > target * 1.02 + 1e-9:
+            warnings.append(
+                f"target {target:.3f} of the original {target_key} not reached: achieved "
+                f"{achieved:.3f} (prunable groups limit how far spa can go)"
+            )
+        if not analysis.prunable and not (sparsity and sparsity["applied"]):
+            reasons = Counter(
+                r.split(": ", 2)[-1]
+                for g in analysis.blocked
+                for r in g.blocked_reasons
+                if g.weight_members and g.channels > 1
+            )
+            common = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no weights"
+            warnings.append(f"no prunable group: the model is unchanged ({common})")
+        report = Report(
+            before=before,
+            after=after,
+            groups_pruned=sum(1 for g in plan.groups if g.removed),
+            groups_prunable=len(analysis.prunable),
+            groups_blocked=len(analysis.blocked),
+            seconds=time.perf_counter() - started,
+            passes=timings,
+            plan=plan,
+            groups=[
+                {
+                    "group": g.group,
+                    "channels": g.channels,
+                    "kept": len(g.keep),
+                    "members": [f"{m['tensor']}[{m['axis']}]" for m in g.members],
+                }
+                for g in plan.groups
+            ],
+            warnings=warnings,
         )
-    matched = check_plan_matches(plan, analysis)
-
-    if compensate and statistics:
-        compensated = run_passes(loaded, [CompensateWeights(plan, matched, statistics["moments"])])
-        timings += [(name, seconds) for name, _, seconds in compensated.results]
-        statistics.update(compensated.results[-1][1].details)
-    rewritten = run_passes(loaded, [PruneChannels(plan, matched), InferShapes(), CompleteShapes()])
-    if rewritten.results[-1][1].changed:
-        rewritten = run_passes(rewritten.model, [InferShapes()])
-    timings += [(name, seconds) for name, _, seconds in rewritten.results]
-    sparsity = None
-    if nm is not None:
-        sparsity = _sparsify(
-            rewritten.model, original, nm, nm_method, nm_exclude, calibration, seed, input_range
+        if statistics:
+            report.statistics = {k: v for k, v in statistics.items() if k != "moments"}
+        report.nm = sparsity
+        report.ratio = ratio if plan.ratio is not None else None
+        report.target = (
+            None
+            if target is None
+            else {"metric": target_key, "fraction": target, "achieved": achieved}
         )
-        timings += sparsity.pop("timings")
-        warnings += sparsity.pop("warnings")
-    after = measure(rewritten.model.graph)
-    if target is not None:
-        achieved = after[target_key] / max(1, before[target_key])
-    started_export = time.perf_counter()
-    proto = export(rewritten.model, original)
-    timings.append(("export", time.perf_counter() - started_export))
-    if validate:
-        checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
-        timings += [(name, seconds) for name, _, seconds in checked.results]
-        warnings += checked.results[-1][1].details.get("warnings", [])
-
-    if target is not None and achieved is not None and achieved > target * 1.02 + 1e-9:
-        warnings.append(
-            f"target {target:.3f} of the original {target_key} not reached: achieved "
-            f"{achieved:.3f} (prunable groups limit how far spa can go)"
-        )
-    if not analysis.prunable and not (sparsity and sparsity["applied"]):
-        reasons = Counter(
-            r.split(": ", 2)[-1]
-            for g in analysis.blocked
-            for r in g.blocked_reasons
-            if g.weight_members and g.channels > 1
-        )
-        common = "; ".join(reason for reason, _ in reasons.most_common(2)) or "no weights"
-        warnings.append(f"no prunable group: the model is unchanged ({common})")
-    report = Report(
-        before=before,
-        after=after,
-        groups_pruned=sum(1 for g in plan.groups if g.removed),
-        groups_prunable=len(analysis.prunable),
-        groups_blocked=len(analysis.blocked),
-        seconds=time.perf_counter() - started,
-        passes=timings,
-        plan=plan,
-        groups=[
-            {
-                "group": g.group,
-                "channels": g.channels,
-                "kept": len(g.keep),
-                "members": [f"{m['tensor']}[{m['axis']}]" for m in g.members],
-            }
-            for g in plan.groups
-        ],
-        warnings=warnings,
-    )
-    if statistics:
-        report.statistics = {k: v for k, v in statistics.items() if k != "moments"}
-    report.nm = sparsity
-    report.ratio = ratio if plan.ratio is not None else None
-    report.target = (
-        None if target is None else {"metric": target_key, "fraction": target, "achieved": achieved}
-    )
-    return proto, report
+        if self_contained:
+            materialize(proto)
+        return proto, report
+    except BaseException:
+        if proto is not None:
+            forget(proto)
+        raise
+    finally:  # the arrays held for the proto read from a file go with the compile
+        forget(original)
 
 
 __all__ = ["Report", "compile", "estimate", "export", "measure"]

@@ -129,9 +129,15 @@ _SUB_BYTE_TYPES = {
 }
 
 
-def load_external_data(proto: onnx.ModelProto, base_dir: pathlib.Path) -> None:
-    """Read every external tensor into memory after checking where it lives."""
-    for tensor in iter_tensors(proto.graph):
+def load_external_data(
+    proto: onnx.ModelProto, base_dir: pathlib.Path, hold_large: bool = False
+) -> None:
+    """Read every external tensor into memory after checking where it lives; with
+    ``hold_large``, large numeric initializers become held arrays (see ``hold``), read
+    straight from the file into numpy, never through protobuf."""
+    top_level = len(proto.graph.initializer)  # iter_tensors yields these first
+    held = {}
+    for index, tensor in enumerate(iter_tensors(proto.graph)):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         path, offset, length = _external_file(base_dir, tensor)
@@ -143,12 +149,28 @@ def load_external_data(proto: onnx.ModelProto, base_dir: pathlib.Path) -> None:
             )
         with open(path, "rb") as handle:
             handle.seek(offset)
+            if (
+                hold_large
+                and tensor.data_type in _RAW_TYPES
+                and int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_ELEMENTS
+                and index < top_level
+            ):
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+                array = np.fromfile(handle, dtype=dtype, count=length // dtype.itemsize)
+                if array.nbytes != length:
+                    raise BadInputError(f"external data of tensor '{tensor.name}' is truncated")
+                held[tensor.name] = array.reshape(tuple(tensor.dims))
+                del tensor.external_data[:]
+                tensor.external_data.add(key="location", value=HELD_LOCATION)
+                continue
             data = handle.read(length)
         if len(data) != length:
             raise BadInputError(f"external data of tensor '{tensor.name}' is truncated")
         tensor.raw_data = data
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
+    if held:
+        hold(proto, held)
 
 
 def _check_dims(proto: onnx.ModelProto) -> None:
@@ -157,8 +179,9 @@ def _check_dims(proto: onnx.ModelProto) -> None:
             raise BadInputError(f"tensor '{tensor.name}' declares a negative dimension")
 
 
-def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Parse, resolve external data safely and run the ONNX checker; raise BadInputError."""
+def read_model_proto(path: str | os.PathLike[str], hold_large: bool = False) -> onnx.ModelProto:
+    """Parse, resolve external data safely and run the ONNX checker; raise BadInputError.
+    ``hold_large``: large external weights become held arrays; the caller must ``forget``."""
     path = pathlib.Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such file")
@@ -178,10 +201,11 @@ def read_model_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no graph or no opset)")
     _check_dims(proto)
-    load_external_data(proto, path.parent)
+    load_external_data(proto, path.parent, hold_large)
     check_supported(proto, str(path))
     problem = check(proto)
     if problem:
+        forget(proto)
         raise BadInputError(f"{path}: fails the ONNX checker: {problem}")
     return proto
 
@@ -319,15 +343,77 @@ _RAW_TYPES = {
 }
 
 
-def _read_weights_once(graph: gs.Graph) -> None:
+class HeldValues(gs.ir.tensor.LazyValues):
+    """A held array (see ``hold``): graphsurgeon exports the reference, not the data."""
+
+    def __init__(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
+        super().__init__(tensor)
+        self.array = array
+
+    def load(self) -> np.ndarray:
+        return self.array
+
+
+def _read_weights_once(graph: gs.Graph, held: dict[str, np.ndarray]) -> None:
     for tensor in graph.tensors().values():
         lazy = getattr(tensor, "_values", None)
-        if (
-            type(lazy) is gs.ir.tensor.LazyValues
-            and lazy.tensor.data_type in _RAW_TYPES
-            and lazy.tensor.HasField("raw_data")
-        ):
+        if type(lazy) is not gs.ir.tensor.LazyValues:
+            continue
+        if is_held(lazy.tensor) and lazy.tensor.name in held:
+            tensor._values = HeldValues(lazy.tensor, held[lazy.tensor.name])
+            # graphsurgeon would stamp "external" on every tensor derived from this one
+            tensor.data_location = None
+        elif lazy.tensor.data_type in _RAW_TYPES and lazy.tensor.HasField("raw_data"):
             tensor._values = RawValues(lazy.tensor)
+
+
+# Large weights held as numpy arrays instead of protobuf bytes, for protos spa builds or reads
+# itself: the tensor in the proto is an external reference to HELD_LOCATION (no file) and the
+# array lives here, {id(proto): (proto, {name: array})} — the proto is kept alive with its
+# entry, so an id is never reused while held. Protobuf keeps a message's bytes in an arena
+# until the whole message goes, so weights that once entered a proto could not be dropped:
+# a 2.4 GB model read into a proto and decoded into arrays weighed 4.8 GB.
+HELD_LOCATION = "spa-held-weights"
+_HELD: dict[int, tuple[onnx.ModelProto, dict[str, np.ndarray]]] = {}
+
+
+def hold(proto: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    _HELD.setdefault(id(proto), (proto, {}))[1].update(arrays)
+
+
+def held_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The arrays behind ``proto``'s held references (empty for an ordinary proto)."""
+    return _HELD.get(id(proto), (None, {}))[1]
+
+
+def forget(proto: onnx.ModelProto) -> None:
+    _HELD.pop(id(proto), None)
+
+
+def is_held(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        entry.key == "location" and entry.value == HELD_LOCATION for entry in tensor.external_data
+    )
+
+
+def held_reference(name: str, data_type: int, dims) -> onnx.TensorProto:
+    reference = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+    reference.data_location = onnx.TensorProto.EXTERNAL
+    reference.external_data.add(key="location", value=HELD_LOCATION)
+    return reference
+
+
+def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Put held arrays back into ``proto`` as bytes (a self-contained model) and forget them."""
+    arrays = held_weights(proto)
+    for tensor in iter_tensors(proto.graph):
+        if is_held(tensor):
+            array = np.asarray(arrays[tensor.name])
+            tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    forget(proto)
+    return proto
 
 
 def model_from_proto(proto: onnx.ModelProto, path: pathlib.Path | None = None) -> Model:
@@ -337,7 +423,7 @@ def model_from_proto(proto: onnx.ModelProto, path: pathlib.Path | None = None) -
         graph = gs.import_onnx(proto)
     except Exception as error:  # graphsurgeon raises bare exceptions on malformed graphs
         raise BadInputError(f"cannot import graph: {error}") from None
-    _read_weights_once(graph)
+    _read_weights_once(graph, held_weights(proto))
     initializers = {t.name for t in proto.graph.initializer}
     return Model(
         graph=graph,

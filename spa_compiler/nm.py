@@ -147,14 +147,17 @@ def compressed_archive(proto, sparsity: dict) -> bytes:
     from onnx import numpy_helper
 
     n, m = (int(part) for part in sparsity["pattern"].split(":"))
+    from spa_compiler.ir import held_weights
+
     weights = {t.name: t for t in proto.graph.initializer}
+    held = held_weights(proto)
     arrays: dict[str, np.ndarray] = {}
     described = {}
     for entry in sparsity["applied"]:
         tensor = weights.get(entry["tensor"])
         if tensor is None or entry["method"].endswith("(quantized)"):
             continue
-        values = numpy_helper.to_array(tensor)
+        values = held[tensor.name] if tensor.name in held else numpy_helper.to_array(tensor)
         moved = np.moveaxis(values, entry["axis"], -1)
         rows = moved.reshape(-1, moved.shape[-1])
         kept, positions = compress(rows, n, m)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from spa_compiler.ir import skeleton
+from spa_compiler.ir import held_weights, skeleton
 
 SYMBOLIC_DIM = 2
 
@@ -66,11 +66,14 @@ def session(
     handed over as in-memory external initializers (serializing BERT-base costs seconds and a
     copy). ``arrays`` supplies weights already in memory by name, saving a decode of the
     proto; ``extra_outputs`` (name, ONNX element type) exposes intermediate tensors."""
-    arrays = arrays or {}
+    arrays = {**held_weights(proto), **(arrays or {})}
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if not optimize:  # validation compares output shapes: skip the optimizers' start-up cost
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # The kernels' packed copies of every weight would be a second copy of the model (the
+    # weights are handed over in memory, not copied): measured on a 2.4 GB Llama-style model.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     light = skeleton(proto)
     declared = {value.name for value in light.graph.output}
     for name, elem_type in extra_outputs:
