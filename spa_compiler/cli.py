@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -623,7 +624,8 @@ def _input_files(source: pathlib.Path) -> set[pathlib.Path]:
     for tensor in iter_tensors(proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value:
-                files.add((source.parent / entry.value).resolve())
+                with contextlib.suppress(OSError, ValueError):  # the loader refuses it later
+                    files.add((source.parent / entry.value).resolve())
     return files
 
 

@@ -72,9 +72,14 @@ def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _external_file(
     base_dir: pathlib.Path, tensor: onnx.TensorProto
 ) -> tuple[pathlib.Path, int, int]:
-    info = external_data_helper.ExternalDataInfo(tensor)
-    location = info.location or ""
     where = f"external data of tensor '{tensor.name}'"
+    try:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        offset = int(info.offset or 0)
+        explicit_length = None if info.length in (None, "") else int(info.length)
+    except (ValueError, TypeError) as error:  # negative or non-numeric offset/length
+        raise BadInputError(f"{where}: {error}") from None
+    location = info.location or ""
     if not location:
         raise BadInputError(f"{where} has no location")
     if "\x00" in location:
@@ -100,10 +105,9 @@ def _external_file(
     if not resolved.is_file():
         raise BadInputError(f"{where}: '{location}' is not a regular file")
     file_size = resolved.stat().st_size
-    offset = int(info.offset or 0)
     if offset < 0 or offset > file_size:
         raise BadInputError(f"{where}: offset {offset} is past the end of '{location}'")
-    length = file_size - offset if info.length is None or info.length == "" else int(info.length)
+    length = file_size - offset if explicit_length is None else explicit_length
     if length < 0 or offset + length > file_size:
         raise BadInputError(
             f"{where}: offset {offset} + length {length} is past the end of '{location}' "
@@ -201,6 +205,9 @@ def read_model_proto(path: str | os.PathLike[str], hold_large: bool = False) -> 
     if not proto.HasField("graph") or not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no graph or no opset)")
     _check_dims(proto)
+    if not proto.graph.output:
+        raise BadInputError(f"{path}: the graph declares no outputs")
+    check_input_sizes(proto, str(path))
     load_external_data(proto, path.parent, hold_large)
     check_supported(proto, str(path))
     problem = check(proto)
@@ -284,17 +291,41 @@ def _data_size_problem(tensor: onnx.TensorProto) -> str | None:
 def check(proto: onnx.ModelProto, full: bool = False) -> str | None:
     """Run the ONNX checker (with shape inference when ``full``) on the model's skeleton and
     check the large weights' data sizes; return the first problem, or None."""
-    for tensor in proto.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_ELEMENTS:
-            problem = _data_size_problem(tensor)
-            if problem:
-                return problem
+    for tensor in proto.graph.initializer:  # the checker does not compare data with shapes
+        problem = _data_size_problem(tensor)
+        if problem:
+            return problem
     try:
         onnx.checker.check_model(skeleton(proto), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         text = str(error).strip()
         return text.splitlines()[0] if text else repr(error)
     return None
+
+
+# spa runs models on generated inputs (validation, moments, bench) and sizes its analysis by
+# their axes: an input declared larger than this is refused before anything is allocated.
+MAX_INPUT_BYTES = 2**31
+SYMBOLIC_DIM = 2  # the size a symbolic dim takes in generated inputs
+
+
+def check_input_sizes(proto: onnx.ModelProto, where: str = "model") -> None:
+    initializers = {t.name for t in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        shape = value.type.tensor_type.shape
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+        if any(d is not None and d < 0 for d in dims):
+            raise BadInputError(f"{where}: input '{value.name}' declares a negative dimension")
+        count = 1
+        for d in dims:
+            count *= SYMBOLIC_DIM if d is None else d
+        if count * 8 > MAX_INPUT_BYTES:  # 8: the widest element spa generates
+            raise BadInputError(
+                f"{where}: input '{value.name}' declares {dims} ({count:,} elements): spa runs "
+                f"the model on such inputs and refuses any over {MAX_INPUT_BYTES:,} bytes"
+            )
 
 
 def default_opset(proto: onnx.ModelProto) -> int:

@@ -11,9 +11,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from spa_compiler.ir import held_weights, skeleton
-
-SYMBOLIC_DIM = 2
+from spa_compiler.errors import BadInputError
+from spa_compiler.ir import SYMBOLIC_DIM, check_input_sizes, held_weights, skeleton
 
 
 @dataclass
@@ -25,6 +24,7 @@ class DeclaredInput:
 
 def declared_inputs(proto: onnx.ModelProto) -> list[DeclaredInput]:
     """The graph inputs a caller feeds (initializers that are also inputs left out)."""
+    check_input_sizes(proto)
     initializers = {t.name for t in proto.graph.initializer}
     inputs = []
     for value in proto.graph.input:
@@ -32,7 +32,10 @@ def declared_inputs(proto: onnx.ModelProto) -> list[DeclaredInput]:
             continue
         tensor_type = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise BadInputError(f"input '{value.name}' has no usable element type") from None
         inputs.append(DeclaredInput(value.name, dims, dtype))
     return inputs
 

@@ -1,0 +1,383 @@
+"""A generated corpus of hostile inputs beyond broken bytes (those are in test_hostile.py):
+broken graphs, lying tensors, absurd sizes, external data that points elsewhere, and invalid
+command lines. Every case ends in its documented exit code with one line on stderr — never a
+traceback or an internal error — every file in the model's folder is unchanged (by hash), and
+a failure leaves no output behind."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import os
+import pathlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spa_compiler.cli import main
+
+
+def _base() -> onnx.ModelProto:
+    """x [1, 4, 6, 6] -> Conv(4->8) -> Relu -> Conv(8->2) -> y: a valid model with a group."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b0"),
+        numpy_helper.from_array(rng.standard_normal((2, 8, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(2).astype(np.float32), "b1"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["h"], name="c0", pads=[1] * 4),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w1", "b1"], ["y"], name="c1", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes, "base",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])],
+        weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+BASE = _base()
+
+
+def _mutant(change) -> onnx.ModelProto:
+    model = copy.deepcopy(BASE)
+    change(model)
+    return model
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _set(tensor: onnx.TensorProto, **fields) -> None:
+    for key, value in fields.items():
+        if key == "dims":
+            del tensor.dims[:]
+            tensor.dims.extend(value)
+        else:
+            setattr(tensor, key, value)
+
+
+def _graph_cases() -> dict[str, onnx.ModelProto]:
+    cases = {}
+
+    def add(name, change):
+        cases[name] = _mutant(change)
+
+    # structure
+    add("cycle", lambda m: _node(m, "c0").input.__setitem__(0, "y"))
+    add("self-loop", lambda m: _node(m, "relu").input.__setitem__(0, "r"))
+    add("dangling-input", lambda m: _node(m, "relu").input.__setitem__(0, "nowhere"))
+    add("dangling-weight", lambda m: _node(m, "c1").input.__setitem__(1, "w_missing"))
+    add("output-never-produced", lambda m: setattr(m.graph.output[0], "name", "ghost"))
+    add("duplicate-producer", lambda m: _node(m, "relu").output.__setitem__(0, "h"))
+    add("duplicate-initializer", lambda m: m.graph.initializer.append(_init(m, "w0")))
+    add("input-shadows-node-output", lambda m: _node(m, "c0").output.__setitem__(0, "x"))
+    add("no-nodes", lambda m: m.graph.ClearField("node"))
+    add("no-outputs", lambda m: m.graph.ClearField("output"))
+    add("no-opset", lambda m: m.ClearField("opset_import"))
+    add("unknown-op", lambda m: setattr(_node(m, "relu"), "op_type", "Frobnicate"))
+    add("missing-op-type", lambda m: setattr(_node(m, "relu"), "op_type", ""))
+    add("conv-missing-weight", lambda m: _node(m, "c0").input.__delitem__(1))
+    add("conv-too-many-inputs", lambda m: _node(m, "c0").input.append("b0"))
+    add("relu-two-outputs", lambda m: _node(m, "relu").output.append("extra"))
+    add("opset-from-the-future", lambda m: setattr(m.opset_import[0], "version", 99))
+    add("opset-zero", lambda m: setattr(m.opset_import[0], "version", 0))
+    add("ir-version-zero", lambda m: setattr(m, "ir_version", 0))
+    add("ir-version-huge", lambda m: setattr(m, "ir_version", 10_000))
+    # attributes
+    add("kernel-bigger-than-image", lambda m: _set(_init(m, "w0"), dims=[8, 4, 30, 30]))
+    add(
+        "group-does-not-divide",
+        lambda m: _node(m, "c0").attribute.append(helper.make_attribute("group", 3)),
+    )
+    add(
+        "negative-pads",
+        lambda m: _node(m, "c1").attribute[0].CopyFrom(helper.make_attribute("pads", [-5] * 4)),
+    )
+    add(
+        "zero-stride",
+        lambda m: _node(m, "c1").attribute.append(helper.make_attribute("strides", [0, 0])),
+    )
+    add(
+        "huge-dilation",
+        lambda m: _node(m, "c0").attribute.append(
+            helper.make_attribute("dilations", [2**40, 2**40])
+        ),
+    )
+    add(
+        "attribute-of-wrong-type",
+        lambda m: _node(m, "c0").attribute.append(helper.make_attribute("group", "two")),
+    )
+    # tensors that lie
+    add("weight-short-data", lambda m: _set(_init(m, "w0"), raw_data=_init(m, "w0").raw_data[:40]))
+    add("weight-long-data", lambda m: _set(_init(m, "w1"), raw_data=_init(m, "w1").raw_data * 2))
+    add("weight-dims-claim-terabytes", lambda m: _set(_init(m, "w0"), dims=[2**20, 2**20, 3, 3]))
+    add("weight-negative-dim", lambda m: _set(_init(m, "w0"), dims=[8, -4, 3, 3]))
+    add("weight-zero-size", lambda m: _set(_init(m, "w1"), dims=[0, 8, 3, 3], raw_data=b""))
+    add("weight-int64", lambda m: _set(_init(m, "w1"), data_type=TensorProto.INT64))
+    add(
+        "weight-string",
+        lambda m: _init(m, "w1").CopyFrom(
+            helper.make_tensor("w1", TensorProto.STRING, [1], [b"weights"])
+        ),
+    )
+    add("weight-undefined-type", lambda m: _set(_init(m, "w0"), data_type=0))
+    add("weight-unknown-type", lambda m: _set(_init(m, "w0"), data_type=999))
+    add(
+        "bias-wrong-length",
+        lambda m: _set(_init(m, "b0"), dims=[7], raw_data=_init(m, "b0").raw_data[:28]),
+    )
+    add("float-data-count-lies", lambda m: _init(m, "b1").CopyFrom(_lying_floats()))
+    add("weight-with-both-raw-and-float", lambda m: _init(m, "b1").float_data.extend([1.0, 2.0]))
+    # inputs
+    add("input-absurd-dims", lambda m: _set_input_dims(m, [1, 4, 2**31, 2**31]))
+    add("input-billions", lambda m: _set_input_dims(m, [10**9, 4, 6, 6]))
+    add("input-negative-dim", lambda m: _set_input_dims(m, [1, 4, -6, 6]))
+    add("input-zero-dim", lambda m: _set_input_dims(m, [1, 4, 0, 6]))
+    add("input-wrong-channels", lambda m: _set_input_dims(m, [1, 5, 6, 6]))
+    add("input-wrong-rank", lambda m: _set_input_dims(m, [1, 4, 6]))
+    add(
+        "input-int-type",
+        lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type", TensorProto.INT32),
+    )
+    add("input-no-type", lambda m: m.graph.input[0].ClearField("type"))
+    add(
+        "output-wrong-type",
+        lambda m: setattr(m.graph.output[0].type.tensor_type, "elem_type", TensorProto.INT8),
+    )
+    add("duplicate-input", lambda m: m.graph.input.append(m.graph.input[0]))
+    return cases
+
+
+def _lying_floats() -> onnx.TensorProto:
+    tensor = onnx.TensorProto(name="b1", data_type=TensorProto.FLOAT, dims=[2])
+    tensor.float_data.extend([1.0, 2.0, 3.0])  # three values for a shape of two
+    return tensor
+
+
+def _set_input_dims(model: onnx.ModelProto, dims: list[int]) -> None:
+    shape = model.graph.input[0].type.tensor_type.shape
+    shape.ClearField("dim")
+    for size in dims:
+        shape.dim.add().dim_value = size
+
+
+GRAPH_CASES = _graph_cases()
+
+
+def _files(folder: pathlib.Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.iterdir()
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def _assert_clean_failure(code: int, stderr: str, expected: tuple[int, ...]) -> None:
+    assert code in expected, stderr
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    if code == 2:
+        assert len(lines) == 1, stderr
+    else:  # a model spa handled: only warnings, each on one line
+        assert all(line.startswith("spa: warning: ") for line in lines), stderr
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_CASES))
+def test_a_hostile_graph_is_refused_cleanly(tmp_path, name):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    path.write_bytes(GRAPH_CASES[name].SerializeToString())
+    before = _files(folder)
+    out = tmp_path / "out.onnx"
+    code, stderr = _run(
+        ["compile", str(path), "--criterion", "l1", "--ratio", "0.5", "-o", str(out)]
+    )
+    # 0 where the mutation leaves a model spa can still prune correctly, 3 where nothing can go
+    _assert_clean_failure(code, stderr, (0, 2, 3))
+    assert _files(folder) == before
+    if code == 2:
+        assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+def _external(
+    folder: pathlib.Path, location: str, offset: int | None = None, length: int | None = None
+) -> pathlib.Path:
+    """The base model with w0 moved to external data at ``location`` (as written)."""
+    model = copy.deepcopy(BASE)
+    tensor = _init(model, "w0")
+    data = tensor.raw_data
+    (folder / "w0.bin").write_bytes(data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entries = {"location": location}
+    if offset is not None:
+        entries["offset"] = str(offset)
+    if length is not None:
+        entries["length"] = str(length)
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _outside(tmp_path: pathlib.Path) -> pathlib.Path:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(256)) * 8)
+    return secret
+
+
+EXTERNAL_CASES = {
+    "absolute-path": lambda f, t: _external(f, str(_outside(t))),
+    "parent-traversal": lambda f, t: (_outside(t), _external(f, "../secret.bin"))[1],
+    "deep-traversal": lambda f, t: _external(f, "../../../../../../etc/passwd"),
+    "traversal-through-folder": lambda f, t: (_outside(t), _external(f, "sub/../../secret.bin"))[1],
+    "symlink-outside": lambda f, t: (
+        os.symlink(_outside(t), f / "link.bin"),
+        _external(f, "link.bin"),
+    )[1],
+    "symlinked-folder-outside": lambda f, t: (
+        _outside(t),
+        os.symlink(t, f / "up"),
+        _external(f, "up/secret.bin"),
+    )[2],
+    "missing-file": lambda f, t: _external(f, "nothing.bin"),
+    "empty-location": lambda f, t: _external(f, ""),
+    "location-is-a-folder": lambda f, t: ((f / "dir").mkdir(), _external(f, "dir"))[1],
+    "offset-past-end": lambda f, t: _external(f, "w0.bin", offset=10**6),
+    "length-past-end": lambda f, t: _external(f, "w0.bin", length=10**6),
+    "offset-plus-length-past-end": lambda f, t: _external(f, "w0.bin", offset=100, length=1152),
+    "negative-offset": lambda f, t: _external(f, "w0.bin", offset=-8),
+    "negative-length": lambda f, t: _external(f, "w0.bin", length=-1),
+    "length-too-short-for-shape": lambda f, t: _external(f, "w0.bin", length=64),
+    "offset-not-a-number": lambda f, t: _external_raw(f, {"location": "w0.bin", "offset": "ten"}),
+    "null-byte-in-location": lambda f, t: _external(f, "w0.bin\x00.txt"),
+    "device-file": lambda f, t: _external(f, "/dev/zero"),
+    "proc-file": lambda f, t: _external(f, "/proc/self/environ"),
+    "the-model-itself": lambda f, t: _external(f, "model.onnx"),
+}
+
+
+def _external_raw(folder: pathlib.Path, entries: dict[str, str]) -> pathlib.Path:
+    model = copy.deepcopy(BASE)
+    tensor = _init(model, "w0")
+    (folder / "w0.bin").write_bytes(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in entries.items():
+        tensor.external_data.add(key=key, value=value)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(EXTERNAL_CASES))
+def test_external_data_that_points_elsewhere_is_refused(tmp_path, name):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = EXTERNAL_CASES[name](folder, tmp_path)
+    before = _files(folder)
+    out = tmp_path / "out.onnx"
+    code, stderr = _run(["compile", str(path), "--criterion", "l1", "-o", str(out)])
+    _assert_clean_failure(code, stderr, (2,))
+    assert _files(folder) == before and not out.exists()
+
+
+def _cli_cases() -> dict[str, list[str]]:
+    m = "{model}"
+    o = ["-o", "{out}"]
+    cases = {
+        "ratio-negative": ["compile", m, "--ratio", "-0.1", *o],
+        "ratio-one": ["compile", m, "--ratio", "1", *o],
+        "ratio-nan": ["compile", m, "--ratio", "nan", *o],
+        "ratio-inf": ["compile", m, "--ratio", "inf", *o],
+        "ratio-text": ["compile", m, "--ratio", "lots", *o],
+        "target-zero": ["compile", m, "--target-flops", "0", *o],
+        "target-above-one": ["compile", m, "--target-params", "1.5", *o],
+        "ratio-and-target": ["compile", m, "--ratio", "0.3", "--target-flops", "0.5", *o],
+        "two-targets": ["compile", m, "--target-flops", "0.5", "--target-params", "0.5", *o],
+        "max-group-ratio-one": ["compile", m, "--global", "--max-group-ratio", "1", *o],
+        "unknown-criterion": ["compile", m, "--criterion", "vibes", *o],
+        "unknown-aggregate": ["compile", m, "--aggregate", "median", *o],
+        "unknown-heads": ["compile", m, "--heads", "some", *o],
+        "round-to-zero": ["compile", m, "--round-to", "0", *o],
+        "seed-text": ["compile", m, "--seed", "abc", *o],
+        "plan-missing": ["compile", m, "--plan", "{tmp}/nope.json", *o],
+        "plan-not-json": ["compile", m, "--plan", "{garbage}", *o],
+        "plan-with-ratio": ["compile", m, "--plan", "{garbage}", "--ratio", "0.2", *o],
+        "calib-missing": ["compile", m, "--calib", "{tmp}/nope.npz", *o],
+        "calib-not-npz": ["compile", m, "--calib", "{garbage}", *o],
+        "input-range-backwards": ["compile", m, "--input-range", "1,-1", *o],
+        "input-range-text": ["compile", m, "--input-range", "low,high", *o],
+        "nm-bad": ["compile", m, "--nm", "4:4", *o],
+        "nm-not-a-pattern": ["compile", m, "--nm", "half", *o],
+        "nm-exclude-without-nm": ["compile", m, "--nm-exclude", "*", *o],
+        "compressed-without-nm": ["compile", m, "--export-compressed", "{tmp}/w.npz", *o],
+        "output-folder-missing": ["compile", m, "-o", "{tmp}/no/such/dir/out.onnx"],
+        "output-is-input": ["compile", m, "-o", m],
+        "output-is-a-folder": ["compile", m, "-o", "{tmp}"],
+        "plan-over-input": ["compile", m, "--save-plan", m, *o],
+        "report-is-output": ["compile", m, "--report", "{out}", *o],
+        "external-data-bad": ["compile", m, "--external-data", "sometimes", *o],
+        "missing-output": ["compile", m],
+        "missing-model": ["compile"],
+        "unknown-option": ["compile", m, "--turbo", *o],
+        "unknown-command": ["prune", m],
+        "inspect-missing": ["inspect", "{tmp}/nope.onnx"],
+        "inspect-folder": ["inspect", "{tmp}"],
+        "verify-nm-bad-pattern": ["verify-nm", m, "--nm", "9:4"],
+        "bench-batch-zero": ["bench", m, "--batch", "0"],
+        "bench-runs-zero": ["bench", m, "--runs", "0"],
+        "bench-missing": ["bench", "{tmp}/nope.onnx"],
+    }
+    return cases
+
+
+CLI_CASES = _cli_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CLI_CASES))
+def test_invalid_command_lines_are_refused_cleanly(tmp_path, name):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    model = folder / "model.onnx"
+    model.write_bytes(BASE.SerializeToString())
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00not json, not npz\xff")
+    out = tmp_path / "out.onnx"
+    argv = [a.format(model=model, out=out, tmp=tmp_path, garbage=garbage) for a in CLI_CASES[name]]
+    before = _files(folder)
+    code, stderr = _run(argv)
+    _assert_clean_failure(code, stderr, (2,))
+    assert _files(folder) == before and not out.exists()
+
+
+def test_the_corpus_has_two_hundred_cases_with_the_broken_files():
+    from test_hostile import CASES as BROKEN_FILES
+
+    total = len(BROKEN_FILES) + len(GRAPH_CASES) + len(EXTERNAL_CASES) + len(CLI_CASES)
+    assert total >= 200, total
