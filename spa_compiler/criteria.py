@@ -66,6 +66,15 @@ class ObsContext:
         self.depth = depth
         self._inverses: dict[tuple[str, int, bool], np.ndarray] = {}
 
+    def release(self, group: Group) -> None:
+        """Forget the H⁻¹ of the activations ``group``'s consumers read."""
+        for member in group.consumers:
+            layer = self.layers.find(member)
+            if layer is not None:
+                self._inverses.pop(
+                    (layer.activation.name, layer.features, layer.bias is not None), None
+                )
+
     def hessian(self, layer: LinearLayer) -> tuple[Callable[[np.ndarray], float], np.ndarray]:
         """H⁻¹ of the layer's input (augmented for its bias), and a function giving the
         output energy E‖W x‖² of rows W; the identity where nothing is known about the
@@ -112,7 +121,11 @@ def _obspa_scores(group: Group, context: ObsContext) -> np.ndarray:
     if not layers:
         squares = score_group(group, context.layers.graph, "l2", "sum", 0, "none") ** 2
         return squares / max(float(squares.sum()), 1e-30)
-    return obs.removal_scores(layers, group.channels, depth=context.depth)
+    scores = obs.removal_scores(layers, group.channels, depth=context.depth)
+    # An activation's channels belong to one group: its H⁻¹ is not asked for again, and
+    # keeping every layer's (an 11008-wide input: 1 GB each) would hold them all at once.
+    context.release(group)
+    return scores
 
 
 def score_group(

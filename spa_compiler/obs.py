@@ -38,15 +38,20 @@ class Moments:
     dropped, the means' outer product is not (dropping it would leave H indefinite once a
     bias border is added)."""
 
-    sum_outer: np.ndarray  # Σ x xᵀ, float64 [n, n] (symmetric once ``settle`` ran)
+    # Σ x xᵀ [n, n], symmetric once ``settle`` ran. Sampled moments accumulate in float32 (a
+    # BLAS ssyrk into the upper triangle, which ``settle`` mirrors): products were float32
+    # anyway, and a float64 copy would double the largest buffer of a compile (an 11008-wide
+    # MLP input: 484 MB instead of 968).
+    sum_outer: np.ndarray
     sum: np.ndarray  # Σ x, float64 [n]
     count: int
-    pending: np.ndarray | None = None  # float32 upper triangle not yet folded in
+    stale_lower: bool = False  # samples added since the last mirror
     skipped: int = 0  # samples dropped for holding inf or NaN
 
     @classmethod
     def empty(cls, features: int) -> Moments:
-        return cls(np.zeros((features, features)), np.zeros(features), 0)
+        square = np.zeros((features, features), dtype=np.float32, order="F")
+        return cls(square, np.zeros(features), 0)
 
     def add(self, samples: np.ndarray) -> None:
         """``samples``: [rows, features]; rows with inf or NaN are dropped (counted)."""
@@ -65,28 +70,35 @@ class Moments:
             return
         rows = np.asfortranarray(rows)
         n = rows.shape[1]
-        if self.pending is None:
-            self.pending = np.zeros((n, n), dtype=np.float32, order="F")
+        if self.sum_outer.dtype != np.float32 or not self.sum_outer.flags.f_contiguous:
+            self.settle()
+            self.sum_outer = np.asfortranarray(self.sum_outer, dtype=np.float32)
         for start in range(0, n, BLOCK):
             block = slice(start, min(n, start + BLOCK))
-            self.pending[block, block] = blas.ssyrk(
+            self.sum_outer[block, block] = blas.ssyrk(
                 1.0,
                 rows[:, block],
                 beta=1.0,
-                c=self.pending[block, block],
+                c=self.sum_outer[block, block],
                 trans=1,
                 lower=0,
                 overwrite_c=1,
             )
+        self.stale_lower = True
         self.sum += rows.sum(axis=0, dtype=np.float64)
         self.count += rows.shape[0]
 
     def settle(self) -> None:
-        if self.pending is not None:
-            upper = self.pending.astype(np.float64)
-            self.pending = None
-            self.sum_outer += upper
-            self.sum_outer += np.triu(upper, 1).T
+        """Mirror the upper triangle the samples updated onto the lower, in place."""
+        if not self.stale_lower:
+            return
+        square, n, step = self.sum_outer, self.sum_outer.shape[0], 1024
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            square[start:stop, :start] = square[:start, start:stop].T
+            block = square[start:stop, start:stop]
+            block[...] = np.triu(block) + np.triu(block, 1).T
+        self.stale_lower = False
 
     @property
     def features(self) -> int:
@@ -110,7 +122,8 @@ class Moments:
         blocks = []
         for start in range(0, n, BLOCK):
             block = slice(start, min(n, start + BLOCK))
-            blocks.append(self.sum_outer[block, block] / count - np.outer(mean[block], mean[block]))
+            second_block = self.sum_outer[block, block].astype(np.float64) / count
+            blocks.append(second_block - np.outer(mean[block], mean[block]))
         second_diagonal = np.concatenate([np.diag(c) for c in blocks]) + np.square(mean)
         scale = float(second_diagonal.mean()) if n and second_diagonal.mean() > 0 else 1.0
         for covariance in blocks:
@@ -127,7 +140,7 @@ class Moments:
         if n <= BLOCK:
             self.settle()
             count = max(self.count, 1)
-            np.divide(self.sum_outer, count, out=second[:n, :n])
+            np.divide(self.sum_outer, count, out=second[:n, :n], dtype=np.float64)
             mean = self.sum / count
             diagonal = np.einsum("ii->i", second)[:n]  # a writable view
             scale = float(diagonal.mean()) if n and diagonal.mean() > 0 else 1.0
