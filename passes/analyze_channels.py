@@ -16,10 +16,6 @@ class AnalyzeChannels(Pass):
             raise PassError(f"heads must be 'head' or 'dim', not {heads!r}")
         self.heads = heads
 
-    def requires(self, model: Model) -> None:
-        if not model.graph.nodes:
-            raise PassError("the graph has no nodes")
-
     def call(self, model: Model) -> PassResult:
         analysis = analyze(model, heads=self.heads)
         return PassResult(model, changed=False, details={"analysis": analysis})

@@ -25,6 +25,7 @@ from spa_compiler.channel_graph import (
     Space,
     node_key,
 )
+from spa_compiler.errors import BadInputError
 
 Rule = Callable[["RuleContext"], None]
 RULES: dict[str, Rule] = {}
@@ -328,6 +329,11 @@ def _grouped(ctx: RuleContext, x: str, y: str, groups: int) -> None:
         ctx.block(x, 1, "grouped convolution with unknown channel count")
         ctx.block(y, 1, "grouped convolution with unknown channel count")
         return
+    if groups < 1 or channels_in % groups or channels_out % groups:
+        raise BadInputError(
+            f"{ctx.node.op} '{ctx.name}': group {groups} does not divide its {channels_in} "
+            f"input and {channels_out} output channels"
+        )
     per_group_in, per_group_out = channels_in // groups, channels_out // groups
     inputs = np.arange(channels_in)
     ctx.link(x, 1, y, 1, inputs, (inputs // per_group_in) * per_group_out)
