@@ -128,6 +128,11 @@ def _graph_cases() -> dict[str, onnx.ModelProto]:
     add("weight-long-data", lambda m: _set(_init(m, "w1"), raw_data=_init(m, "w1").raw_data * 2))
     add("weight-dims-claim-terabytes", lambda m: _set(_init(m, "w0"), dims=[2**20, 2**20, 3, 3]))
     add("weight-negative-dim", lambda m: _set(_init(m, "w0"), dims=[8, -4, 3, 3]))
+    add(
+        "weight-few-extra-bytes",
+        lambda m: _set(_init(m, "w0"), raw_data=_init(m, "w0").raw_data + b"\0" * 8),
+    )
+    add("weight-int4-wrong-size", lambda m: _set(_init(m, "w1"), data_type=TensorProto.INT4))
     add("weight-zero-size", lambda m: _set(_init(m, "w1"), dims=[0, 8, 3, 3], raw_data=b""))
     add("weight-int64", lambda m: _set(_init(m, "w1"), data_type=TensorProto.INT64))
     add(
