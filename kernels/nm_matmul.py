@@ -279,6 +279,33 @@ def _gather_products(acc, x, values, words, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _load_tile(ptr, offs_r, offs_c, rows, cols, stride_r, stride_c):
+    """The [len(offs_r), len(offs_c)] tile of a row-major view, zero past rows × cols."""
+    return tl.load(
+        ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+        mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols),
+        other=0,
+    )
+
+
+@triton.jit
+def _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn, stride_wn,
+                     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):  # fmt: skip
+    """K-step ``step`` of rows ``offs_n`` of a compressed weight: kept values and their
+    packed-position words (zero past the weight's edges)."""
+    KEPT_PER_TILE: tl.constexpr = BLOCK_K * KEEP // GROUP
+    WORDS_PER_TILE: tl.constexpr = KEPT_PER_TILE * BITS // 32
+    kept_per_row = K // GROUP * KEEP
+    offs_v = step * KEPT_PER_TILE + tl.arange(0, KEPT_PER_TILE)
+    offs_w = step * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
+    values = _load_tile(values_ptr, offs_n, offs_v, N, kept_per_row, stride_vn, 1)
+    words_per_row = tl.cdiv(kept_per_row * BITS, 32)
+    words = _load_tile(words_ptr, offs_n, offs_w, N, words_per_row, stride_wn, 1)
+    return values, words
+
+
+@triton.jit
 def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -334,40 +361,21 @@ def nm_matmul_kernel(
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    KEPT_PER_TILE: tl.constexpr = BLOCK_K * KEEP // GROUP
-    WORDS_PER_TILE: tl.constexpr = KEPT_PER_TILE * BITS // 32
-    kept_per_row = K // GROUP * KEEP
-    words_per_row = tl.cdiv(kept_per_row * BITS, 32)
     if MODE == 0:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     elif MODE == 1:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // GROUP), dtype=tl.float32)
-    row_ok = offs_n[:, None] < N
     steps = tl.cdiv(K, BLOCK_K)
     steps_per_split = tl.cdiv(steps, SPLIT_K)
     first_step = tl.program_id(1) * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, steps)
     for step in range(first_step, last_step):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        offs_v = step * KEPT_PER_TILE + tl.arange(0, KEPT_PER_TILE)
-        offs_w = step * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        )
-        values = tl.load(
-            values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-            mask=row_ok & (offs_v[None, :] < kept_per_row),
-            other=0.0,
-        )
-        words = tl.load(
-            words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-            mask=row_ok & (offs_w[None, :] < words_per_row),
-            other=0,
-        )
+        x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+        values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
+                                         stride_wn, KEEP, GROUP, BITS, BLOCK_K)  # fmt: skip
         if MODE == 2:
             acc = _gather_products(acc, x, values, words, BLOCK_M, BLOCK_N, BLOCK_K, KEEP,
                                    GROUP, BITS)  # fmt: skip
@@ -416,16 +424,8 @@ def dense_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
-            other=0.0,
-        )
+        x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+        w = _load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk)
         acc = _accumulate(acc, x, w, MODE, IEEE)
     acc = _epilogue(_finish(acc, MODE), bias_ptr, offs_n, N, HAS_BIAS, ACTIVATION)
     _store(out_ptr, acc, offs_m, offs_n, M, N, stride_om, stride_on)
@@ -440,21 +440,12 @@ def decompress_kernel(
     """The dense [N, K] weight, one [BLOCK_N, BLOCK_K] tile per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     step = tl.program_id(1)
-    KEPT_PER_TILE: tl.constexpr = BLOCK_K * KEEP // GROUP
-    WORDS_PER_TILE: tl.constexpr = KEPT_PER_TILE * BITS // 32
     offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_v = step * KEPT_PER_TILE + tl.arange(0, KEPT_PER_TILE)
-    offs_w = step * WORDS_PER_TILE + tl.arange(0, WORDS_PER_TILE)
-    kept_per_row = K // GROUP * KEEP
-    row_ok = offs_n[:, None] < N
-    values = tl.load(values_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                     mask=row_ok & (offs_v[None, :] < kept_per_row), other=0.0)  # fmt: skip
-    words = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                    mask=row_ok & (offs_w[None, :] < tl.cdiv(kept_per_row * BITS, 32)),
-                    other=0)  # fmt: skip
+    values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
+                                     stride_wn, KEEP, GROUP, BITS, BLOCK_K)  # fmt: skip
     dense = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], dense,
-             mask=row_ok & (offs_k[None, :] < K))  # fmt: skip
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))  # fmt: skip
 
 
 _nm_matmul_tuned = triton.autotune(
