@@ -309,7 +309,8 @@ def compile_command(
     from spa_compiler.plan import Plan
 
     source, target = pathlib.Path(model), pathlib.Path(output)
-    _check_output_paths(source, output, save_plan, report_path, force, export_compressed,
+    inputs = _input_files(source) if source.is_file() else set()  # parsed once, used twice
+    _check_output_paths(source, inputs, output, save_plan, report_path, force, export_compressed,
                         external_data != "never")  # fmt: skip
     pattern = _parse_pattern(nm_pattern)
     if (export_compressed or nm_exclude) and pattern is None:
@@ -355,7 +356,7 @@ def compile_command(
     external = external_data == "always" or (
         external_data == "auto"
         and (
-            len(_input_files(source)) > 1
+            len(inputs) > 1
             or proto.ByteSize() + sum(a.nbytes for a in held_weights(proto).values())
             >= PROTOBUF_LIMIT
         )
@@ -631,6 +632,7 @@ def _input_files(source: pathlib.Path) -> set[pathlib.Path]:
 
 def _check_output_paths(
     source: pathlib.Path,
+    protected: set[pathlib.Path],
     output: str,
     save_plan: str | None,
     report: str | None,
@@ -638,12 +640,13 @@ def _check_output_paths(
     compressed: str | None = None,
     external: bool = False,
 ) -> None:
-    """Outputs never overwrite the input model, its external data, or each other."""
+    """Outputs never overwrite the input model (``protected``: it and its external data
+    files), or each other."""
     from spa_compiler.errors import BadInputError
+    from spa_compiler.io import data_file_for
 
-    protected = _input_files(source) if source.is_file() else set()
     seen: dict[pathlib.Path, str] = {}
-    data_file = str(pathlib.Path(output).with_name(f"{pathlib.Path(output).name}.data"))
+    data_file = str(data_file_for(pathlib.Path(output)))
     for option, path in (
         ("-o", output),
         ("-o's external data", data_file if external else None),

@@ -50,3 +50,22 @@ def exported_model(
         return hit
 
     return get
+
+
+@pytest.fixture(scope="session")
+def compressed_bert_tiny(tmp_path_factory: pytest.TempPathFactory):
+    """``spa compile models/bert_tiny.onnx --nm 2:4 --export-compressed``, once per session:
+    (the sparse model's path, the archive's path)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("compressed")
+    out, archive = folder / "out.onnx", folder / "w.npz"
+    models = pathlib.Path(__file__).resolve().parents[1] / "models"
+    done = subprocess.run(
+        [sys.executable, "-m", "spa_compiler", "compile", str(models / "bert_tiny.onnx"),
+         "--nm", "2:4", "-o", str(out), "--export-compressed", str(archive)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out, archive

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,7 +29,6 @@ from spa_compiler.kernels.nm_matmul import (  # noqa: E402
 
 from spa_compiler import nm  # noqa: E402
 
-MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
 PATTERNS = [(2, 4), (4, 8), (1, 4), (8, 16), (2, 8)]
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 FMA = {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 64, "MODE": "fma"}
@@ -272,14 +268,8 @@ def test_one_of_sixteen_finds_a_tile_at_every_size():
             assert kept, (rows, pattern)
 
 
-def test_export_compressed_archive_feeds_the_kernel(tmp_path):
-    out, archive = tmp_path / "out.onnx", tmp_path / "w.npz"
-    done = subprocess.run(
-        [sys.executable, "-m", "spa_compiler", "compile", str(MODELS / "bert_tiny.onnx"),
-         "--nm", "2:4", "-o", str(out), "--export-compressed", str(archive)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+def test_export_compressed_archive_feeds_the_kernel(compressed_bert_tiny):
+    out, archive = compressed_bert_tiny
     import onnx
     from onnx import numpy_helper
 

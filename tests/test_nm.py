@@ -135,14 +135,8 @@ def test_quantized_and_transposed_weights():
     assert ((weights["wt"] != 0).reshape(512, 4, 4).sum(axis=2) <= 2).all()
 
 
-def test_export_compressed_matches_the_model(tmp_path):
-    out, archive = tmp_path / "out.onnx", tmp_path / "w.npz"
-    done = subprocess.run(
-        [sys.executable, "-m", "spa_compiler", "compile", str(MODELS / "bert_tiny.onnx"),
-         "--nm", "2:4", "-o", str(out), "--export-compressed", str(archive)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+def test_export_compressed_matches_the_model(compressed_bert_tiny):
+    out, archive = compressed_bert_tiny
     data = np.load(archive)
     header = json.loads(bytes(data["format"]).decode())
     assert header["pattern"] == "2:4" and header["tensors"]
