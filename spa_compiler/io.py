@@ -7,8 +7,6 @@ import os
 import pathlib
 import tempfile
 
-import numpy as np
-
 from spa_compiler.errors import BadInputError
 
 
@@ -82,7 +80,7 @@ def write_model(path: pathlib.Path, proto, external: bool) -> None:
     bytes). Both files go to temporary names in the target folder and are renamed when
     complete: a reader sees the old or the new file, never a truncated one. The proto is
     changed in place (its large tensors become external references)."""
-    from spa_compiler.ir import held_weights, is_held, iter_tensors, materialize
+    from spa_compiler.ir import held_bytes, is_held, iter_tensors, materialize
 
     if not external:
         materialize(proto)  # held arrays, if any, become the proto's bytes
@@ -100,15 +98,9 @@ def write_model(path: pathlib.Path, proto, external: bool) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             offset = 0
-            held = held_weights(proto)
             for tensor in iter_tensors(proto.graph):
                 if is_held(tensor):
-                    array = np.asarray(held[tensor.name])
-                    data = memoryview(
-                        np.ascontiguousarray(
-                            array.astype(array.dtype.newbyteorder("<"), copy=False)
-                        )
-                    ).cast("B")
+                    data = held_bytes(proto, tensor)
                 elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
                     data = tensor.raw_data
                     tensor.ClearField("raw_data")

@@ -445,13 +445,19 @@ def held_reference(name: str, data_type: int, dims) -> onnx.TensorProto:
     return reference
 
 
+def held_bytes(proto: onnx.ModelProto, tensor: onnx.TensorProto) -> memoryview:
+    """A held tensor's data as ONNX stores it (little-endian, row-major), without a copy
+    where the array already is."""
+    array = np.asarray(held_weights(proto)[tensor.name])
+    stored = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    return memoryview(stored).cast("B")
+
+
 def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Put held arrays back into ``proto`` as bytes (a self-contained model) and forget them."""
-    arrays = held_weights(proto)
     for tensor in iter_tensors(proto.graph):
         if is_held(tensor):
-            array = np.asarray(arrays[tensor.name])
-            tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            tensor.raw_data = held_bytes(proto, tensor).tobytes()
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
     forget(proto)
