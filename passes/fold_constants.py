@@ -74,7 +74,7 @@ class FoldConstants(Pass):
             import onnxruntime
             from onnx_graphsurgeon.logger import G_LOGGER
 
-            onnxruntime.set_default_logger_severity(3)
+            onnxruntime.set_default_logger_severity(4)
             gs_level = G_LOGGER.severity
             G_LOGGER.severity = G_LOGGER.ERROR
             graph.fold_constants(

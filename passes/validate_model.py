@@ -97,7 +97,14 @@ class ValidateModel(Pass):
             )
         known = None if warnings else self.expected_shapes(feeds)
         if known is None:
-            known = [np.shape(a) for a in run_session(self.original, feeds)]
+            try:
+                known = [np.shape(a) for a in run_session(self.original, feeds)]
+            except Exception as original_error:  # a broken node the pruned model dropped as dead
+                warnings.append(
+                    f"onnxruntime cannot run the original model here ({_first(original_error)});"
+                    " the pruned model runs, its output shapes were not compared"
+                )
+                known = [np.shape(a) for a in produced]
         for i, (shape, result) in enumerate(zip(known, produced, strict=True)):
             if tuple(shape) != np.shape(result):
                 raise PassError(f"output {i} changed shape: {tuple(shape)} -> {np.shape(result)}")

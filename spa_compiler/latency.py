@@ -96,7 +96,7 @@ def _providers(device: str) -> list[str]:
 
 def _session(path: str, device: str, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach users as spa's one-line errors
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -71,7 +71,7 @@ def session(
     proto; ``extra_outputs`` (name, ONNX element type) exposes intermediate tensors."""
     arrays = {**held_weights(proto), **(arrays or {})}
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach users as spa's one-line errors
     if not optimize:  # validation compares output shapes: skip the optimizers' start-up cost
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # The kernels' packed copies of every weight would be a second copy of the model (the

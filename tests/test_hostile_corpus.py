@@ -12,6 +12,8 @@ import hashlib
 import io
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -91,6 +93,15 @@ def _graph_cases() -> dict[str, onnx.ModelProto]:
     add("no-outputs", lambda m: m.graph.ClearField("output"))
     add("no-opset", lambda m: m.ClearField("opset_import"))
     add("unknown-op", lambda m: setattr(_node(m, "relu"), "op_type", "Frobnicate"))
+    # found by the fuzzer: a dead Conv onnxruntime cannot run (its weight is the input, so its
+    # bias has the wrong length) that the pruned model no longer contains
+    add(
+        "dead-node-onnxruntime-rejects",
+        lambda m: (
+            _node(m, "c0").input.__setitem__(1, "x"),
+            _node(m, "relu").input.__setitem__(0, "w1"),
+        ),
+    )
     add("missing-op-type", lambda m: setattr(_node(m, "relu"), "op_type", ""))
     add("conv-missing-weight", lambda m: _node(m, "c0").input.__delitem__(1))
     add("conv-too-many-inputs", lambda m: _node(m, "c0").input.append("b0"))
@@ -152,6 +163,9 @@ def _graph_cases() -> dict[str, onnx.ModelProto]:
     # inputs
     add("input-absurd-dims", lambda m: _set_input_dims(m, [1, 4, 2**31, 2**31]))
     add("input-billions", lambda m: _set_input_dims(m, [10**9, 4, 6, 6]))
+    # no values at all (a zero dim), but 2**31 channels for the channel graph to index
+    add("input-empty-but-wide", lambda m: _set_input_dims(m, [0, 2**31]))
+    add("input-empty-wide-4d", lambda m: _set_input_dims(m, [0, 2**31, 6, 6]))
     add("input-negative-dim", lambda m: _set_input_dims(m, [1, 4, -6, 6]))
     add("input-zero-dim", lambda m: _set_input_dims(m, [1, 4, 0, 6]))
     add("input-wrong-channels", lambda m: _set_input_dims(m, [1, 5, 6, 6]))
@@ -226,6 +240,20 @@ def test_a_hostile_graph_is_refused_cleanly(tmp_path, name):
     assert _files(folder) == before
     if code == 2:
         assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("name", ["dead-node-onnxruntime-rejects", "bias-wrong-length"])
+def test_onnxruntime_logs_nothing_of_its_own_to_stderr(tmp_path, name):
+    """onnxruntime's native logger writes to the process's stderr, past Python's redirection:
+    only a real process shows whether its error lines leak next to spa's one-line message."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(GRAPH_CASES[name].SerializeToString())
+    argv = ["compile", str(path), "--criterion", "l1", "-o", str(tmp_path / "out.onnx")]
+    done = subprocess.run(
+        [sys.executable, "-m", "spa_compiler", *argv], capture_output=True, text=True
+    )
+    _assert_clean_failure(done.returncode, done.stderr, (0, 2, 3))
+    assert all(line.startswith("spa: ") for line in done.stderr.splitlines()), done.stderr
 
 
 def _external(
