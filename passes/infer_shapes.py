@@ -58,6 +58,7 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
 
 
 _RUNS = itertools.count()
+MAX_ACTIVATION_BYTES = 2**32  # onnxruntime's own limit for a Tile output
 
 
 @functools.cache
@@ -195,4 +196,23 @@ class InferShapes(Pass):
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(
                     value.type.tensor_type.elem_type
                 )
+        _refuse_absurd_activations(graph)
         return PassResult(model, changed=changed > 0, details={"updated_shapes": changed})
+
+
+def _refuse_absurd_activations(graph: gs.Graph) -> None:
+    """spa runs the model (validation, statistics): an activation whose inferred static shape
+    exceeds ``MAX_ACTIVATION_BYTES`` (a Pad, Tile, Expand or Resize blown up by its
+    attributes) is refused here rather than left to exhaust memory in onnxruntime."""
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Variable) or not tensor.shape:
+            continue
+        if not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
+            continue
+        itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
+        size = float(np.prod(tensor.shape, dtype=np.float64)) * itemsize
+        if size > MAX_ACTIVATION_BYTES:
+            raise BadInputError(
+                f"tensor '{tensor.name}' has shape {list(tensor.shape)} ({size:,.0f} bytes): "
+                f"spa runs the model and refuses activations over {MAX_ACTIVATION_BYTES:,} bytes"
+            )

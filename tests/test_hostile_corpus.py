@@ -74,6 +74,24 @@ def _set(tensor: onnx.TensorProto, **fields) -> None:
             setattr(tensor, key, value)
 
 
+def _blow_up(model: onnx.ModelProto, op: str, constant: np.ndarray, **attrs) -> None:
+    """Put ``op`` between the Relu and the second Conv: r -> op(r, constant) -> c1, or for
+    ConstantOfShape r + sum(ConstantOfShape(constant)) -> c1."""
+    model.graph.initializer.append(numpy_helper.from_array(constant, "blow_up_arg"))
+    if op == "ConstantOfShape":
+        nodes = [helper.make_node(op, ["blow_up_arg"], ["big"]),
+                 helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+                 helper.make_node("Add", ["r", "total"], ["blown"])]  # fmt: skip
+    elif op == "Resize":
+        nodes = [helper.make_node(op, ["r", "", "blow_up_arg"], ["blown"], **attrs)]
+    else:
+        nodes = [helper.make_node(op, ["r", "blow_up_arg"], ["blown"], **attrs)]
+    position = list(model.graph.node).index(_node(model, "c1"))
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(position + offset, node)
+    _node(model, "c1").input[0] = "blown"
+
+
 def _graph_cases() -> dict[str, onnx.ModelProto]:
     cases = {}
 
@@ -163,6 +181,18 @@ def _graph_cases() -> dict[str, onnx.ModelProto]:
     # inputs
     add("input-absurd-dims", lambda m: _set_input_dims(m, [1, 4, 2**31, 2**31]))
     add("input-billions", lambda m: _set_input_dims(m, [10**9, 4, 6, 6]))
+    # small inputs, absurd intermediate tensors (refused before onnxruntime allocates them)
+    add(
+        "conv-pads-blow-up",
+        lambda m: _node(m, "c1").attribute[0].CopyFrom(helper.make_attribute("pads", [30000] * 4)),
+    )
+    add("tile-blows-up", lambda m: _blow_up(m, "Tile", np.array([1, 1, 20000, 20000])))
+    add("pad-blows-up", lambda m: _blow_up(m, "Pad", np.array([0, 0, 60000, 60000] * 2)))
+    add("resize-blows-up", lambda m: _blow_up(m, "Resize", np.float32([1, 1, 1e4, 1e4])))
+    add(
+        "constant-of-shape-blows-up",
+        lambda m: _blow_up(m, "ConstantOfShape", np.array([2**16] * 2)),
+    )
     # no values at all (a zero dim), but 2**31 channels for the channel graph to index
     add("input-empty-but-wide", lambda m: _set_input_dims(m, [0, 2**31]))
     add("input-empty-wide-4d", lambda m: _set_input_dims(m, [0, 2**31, 6, 6]))
@@ -240,6 +270,14 @@ def test_a_hostile_graph_is_refused_cleanly(tmp_path, name):
     assert _files(folder) == before
     if code == 2:
         assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("op", ["tile", "pad", "resize", "constant-of-shape"])
+def test_absurd_intermediate_tensors_are_refused_before_anything_runs(tmp_path, op):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(GRAPH_CASES[f"{op}-blows-up"].SerializeToString())
+    code, stderr = _run(["compile", str(path), "-o", str(tmp_path / "out.onnx")])
+    assert code == 2 and "refuses activations over" in stderr, stderr
 
 
 @pytest.mark.parametrize("name", ["dead-node-onnxruntime-rejects", "bias-wrong-length"])
