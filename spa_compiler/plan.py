@@ -188,4 +188,9 @@ def check_plan_matches(plan: Plan, analysis: Analysis) -> dict[int, Group]:
         if any(not 0 <= c < group.channels for c in planned.keep):
             raise BadInputError(f"plan group {planned.group} keeps a channel out of range")
         matched[planned.group] = group
+        kinds = {
+            (m.tensor, m.axis): "weight" if m.is_weight else "activation" for m in group.members
+        }
+        for member in planned.members:  # a plan saved before kinds were recorded gains them
+            member.setdefault("kind", kinds[(member["tensor"], int(member["axis"]))])
     return matched
