@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F  # noqa: N812 - the universal alias
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from spa_compiler.errors import BadInputError
@@ -174,7 +175,7 @@ class _OnnxGraph:
         if not isinstance(model, onnx.ModelProto):
             try:
                 model = onnx.load(os.fspath(model), load_external_data=False)
-            except (OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as error:
+            except (OSError, ValueError, DecodeError) as error:
                 raise BadInputError(f"{model}: cannot read the ONNX model ({error})") from None
         self.producers = {out: node for node in model.graph.node for out in node.output}
         self.initializers = {t.name: t for t in model.graph.initializer}
