@@ -299,6 +299,20 @@ def test_heads_follow_in_hugging_face_style_attention(tmp_path):
     assert attention.o_proj.in_features == 32
 
 
+def test_a_refused_plan_leaves_the_module_unchanged(tmp_path):
+    """heads="dim" in Hugging Face-style attention is refused only once the projections are
+    sliced (their forward would rescale): everything sliced so far must be put back."""
+    module, inputs = build("hf-attention")
+    path = export(module, inputs, tmp_path / "m.onnx", "torchscript")
+    _, plan = prune(path, heads="dim")
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(spa_compiler.BadInputError, match="within the heads"):
+        apply_plan(module, plan, model=path)
+    assert module.attn.q_proj.out_features == 64 and module.attn.num_heads == 4
+    after = module.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
 def test_multihead_attention_head_dims(tmp_path):
     """TorchScript's MultiheadAttention folds heads into the batch axis, so spa prunes dims
     within every head: the module keeps 4 heads of 4 dims and the graph's scale, 1/sqrt(8)."""

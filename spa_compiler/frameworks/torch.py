@@ -113,9 +113,32 @@ def apply_plan(
             key, axis = target
             slots[by_key[key]].removed[axis].update(removed)
     _derive_batchnorm(module, slots, by_key, folded_bias, graph)
-    with torch.no_grad():
-        changed = _slice(slots)
-        _update_modules(module, changed)
+    # Some refusals (uneven heads or groups) only show while attributes are updated: a
+    # refused plan must leave the module as it was, not half sliced.
+    snapshot = [
+        (
+            child,
+            child.__class__,
+            dict(child.__dict__),
+            dict(child._parameters),
+            dict(child._buffers),
+        )
+        for child in module.modules()
+    ]
+    try:
+        with torch.no_grad():
+            changed = _slice(slots)
+            _update_modules(module, changed)
+    except BaseException:
+        for child, cls, attributes, parameters, buffers in snapshot:
+            child.__class__ = cls
+            child.__dict__.clear()
+            child.__dict__.update(attributes)
+            child._parameters.clear()
+            child._parameters.update(parameters)
+            child._buffers.clear()
+            child._buffers.update(buffers)
+        raise
     return module
 
 
