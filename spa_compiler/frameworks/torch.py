@@ -720,12 +720,12 @@ def _update_hf_attention(module: nn.Module, changed: dict[int, dict[str, Any]]) 
         kept_heads, dim = _heads_kept(q_rows, heads, head_dim, f"{name} (query)")
         if dim != head_dim:
             raise BadInputError(
-                f"plan prunes within the heads of {name} (heads='dim'): its forward derives "
+                f"plan prunes within the heads of {name} (heads='dim'): its forward may derive "
                 "the attention scale from the head size; only whole heads are supported"
             )
         kv_name = _first_attribute(parent, _KV_HEADS)
         kv_heads = getattr(parent, kv_name) if kv_name else heads
-        kv_left = kv_heads
+        left_counts = []
         for projection, label in ((k, "key"), (v, "value")):
             rows = None
             if projection is not None and id(projection) in changed:
@@ -733,7 +733,10 @@ def _update_hf_attention(module: nn.Module, changed: dict[int, dict[str, Any]]) 
             left, kv_dim = _heads_kept(rows, kv_heads, head_dim, f"{name} ({label})")
             if kv_dim != head_dim:
                 raise BadInputError(f"plan prunes within the {label} heads of {name}")
-            kv_left = len(left)
+            left_counts.append(len(left))
+        if left_counts[0] != left_counts[1]:
+            raise BadInputError(f"plan keeps different key and value heads of {name}")
+        kv_left = left_counts[0]
         setattr(parent, heads_name, len(kept_heads))
         if kv_name:
             setattr(parent, kv_name, kv_left)
