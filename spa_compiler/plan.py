@@ -28,7 +28,9 @@ class GroupPlan:
     group: int
     channels: int
     keep: list[int]
-    members: list[dict[str, Any]]  # {"tensor", "axis", "indices": [[...] per channel]}
+    # {"tensor", "axis", "indices": [[...] per channel], "kind": "weight" | "activation"}; plans
+    # saved before "kind" was recorded lack it
+    members: list[dict[str, Any]]
     scores: list[float] | None = None
 
     @property
@@ -87,6 +89,7 @@ class Plan:
                             "tensor": str(m["tensor"]),
                             "axis": int(m["axis"]),
                             "indices": np.asarray(m["indices"], dtype=np.int64),
+                            **({"kind": str(m["kind"])} if "kind" in m else {}),
                         }
                         for m in g["members"]
                     ],
@@ -138,7 +141,16 @@ def group_plan(group: Group, keep: np.ndarray | list[int], scores=None) -> Group
         group=group.id,
         channels=group.channels,
         keep=sorted(int(c) for c in keep),
-        members=[{"tensor": m.tensor, "axis": m.axis, "indices": m.indices} for m in group.members],
+        members=[
+            {
+                "tensor": m.tensor,
+                "axis": m.axis,
+                "indices": m.indices,
+                # which members are weights: what carrying the plan to another framework slices
+                "kind": "weight" if m.is_weight else "activation",
+            }
+            for m in group.members
+        ],
         scores=None if scores is None else [float(s) for s in scores],
     )
 
@@ -176,4 +188,9 @@ def check_plan_matches(plan: Plan, analysis: Analysis) -> dict[int, Group]:
         if any(not 0 <= c < group.channels for c in planned.keep):
             raise BadInputError(f"plan group {planned.group} keeps a channel out of range")
         matched[planned.group] = group
+        kinds = {
+            (m.tensor, m.axis): "weight" if m.is_weight else "activation" for m in group.members
+        }
+        for member in planned.members:  # a plan saved before kinds were recorded gains them
+            member.setdefault("kind", kinds[(member["tensor"], int(member["axis"]))])
     return matched

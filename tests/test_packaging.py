@@ -25,6 +25,7 @@ def test_wheel_layout(tmp_path):
     assert "spa_compiler/passes/__init__.py" in names
     assert "spa_compiler/passes/analyze_channels.py" in names
     assert "spa_compiler/kernels/__init__.py" in names
+    assert "spa_compiler/frameworks/torch.py" in names
     assert not any(n.startswith(("passes/", "kernels/", "tests/", "models/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
