@@ -56,7 +56,18 @@ def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-IN_MEMORY = "spa-in-memory-weights"
+class WeightFedSession:
+    """An onnxruntime session whose large weights are graph inputs, fed from memory with every
+    run: onnxruntime reads input buffers in place, whereas initializers handed over with
+    ``add_external_initializers`` are copied into the session (a second copy of the model,
+    2.4 GB on a Llama-style model) and ``add_initializer`` still wants the weights inside the
+    serialized model."""
+
+    def __init__(self, inner: ort.InferenceSession, weights: dict[str, np.ndarray]) -> None:
+        self.inner, self.weights = inner, weights
+
+    def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.inner.run(names, {**feeds, **self.weights})
 
 
 def session(
@@ -64,52 +75,34 @@ def session(
     arrays: dict[str, np.ndarray] | None = None,
     extra_outputs: Sequence[tuple[str, int]] = (),
     optimize: bool = False,
-) -> ort.InferenceSession:
-    """An onnxruntime session that does not serialize the model's large weights: they are
-    handed over as in-memory external initializers (serializing BERT-base costs seconds and a
-    copy). ``arrays`` supplies weights already in memory by name, saving a decode of the
-    proto; ``extra_outputs`` (name, ONNX element type) exposes intermediate tensors."""
+) -> WeightFedSession:
+    """An onnxruntime session that neither serializes nor copies the model's large weights
+    (serializing BERT-base costs seconds and a copy). ``arrays`` supplies weights already in
+    memory by name, saving a decode of the proto; ``extra_outputs`` (name, ONNX element
+    type) exposes intermediate tensors."""
     arrays = {**held_weights(proto), **(arrays or {})}
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach users as spa's one-line errors
     if not optimize:  # validation compares output shapes: skip the optimizers' start-up cost
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    # The kernels' packed copies of every weight would be a second copy of the model (the
-    # weights are handed over in memory, not copied): measured on a 2.4 GB Llama-style model.
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    light = skeleton(proto)
+    light = skeleton(proto)  # large weights become typed graph inputs
     declared = {value.name for value in light.graph.output}
     for name, elem_type in extra_outputs:
         if name not in declared:
             light.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
             declared.add(name)
-    inputs = {value.name for value in light.graph.input}
-    names, values = [], []
+    fed = {value.name for value in light.graph.input} - {v.name for v in proto.graph.input}
+    weights = {}
     for tensor in proto.graph.initializer:
-        if tensor.name in inputs and tensor.name not in {v.name for v in proto.graph.input}:
+        if tensor.name in fed:
             array = arrays.get(tensor.name)
             if array is None or array.shape != tuple(tensor.dims):
                 array = numpy_helper.to_array(tensor)
-            reference = onnx.TensorProto(
-                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
-            )
-            reference.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (
-                ("location", IN_MEMORY),
-                ("offset", "0"),
-                ("length", str(array.nbytes)),
-            ):
-                reference.external_data.add(key=key, value=value)
-            light.graph.initializer.append(reference)
-            names.append(tensor.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
-    kept = [value for value in light.graph.input if value.name not in set(names)]
-    del light.graph.input[:]
-    light.graph.input.extend(kept)
-    options.add_external_initializers(names, values)
-    return ort.InferenceSession(
+            weights[tensor.name] = np.ascontiguousarray(array)
+    inner = ort.InferenceSession(
         light.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+    return WeightFedSession(inner, weights)
 
 
 def run_session(
@@ -121,4 +114,11 @@ def run_session(
     return session(proto, arrays).run(None, feeds)
 
 
-__all__ = ["DeclaredInput", "declared_inputs", "random_inputs", "run_session", "session"]
+__all__ = [
+    "DeclaredInput",
+    "WeightFedSession",
+    "declared_inputs",
+    "random_inputs",
+    "run_session",
+    "session",
+]
