@@ -97,3 +97,30 @@ def test_the_api_returns_a_self_contained_model_from_external_data(tmp_path):
     onnx.save(pruned, str(tmp_path / "api.onnx"))
     ids = {"input_ids": np.array([[2, 7]], dtype=np.int64)}
     assert ort.InferenceSession(str(tmp_path / "api.onnx")).run(None, ids)[0].shape == (1, 2, 100)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def test_onnxruntime_sessions_do_not_copy_the_weights(tmp_path):
+    """spa's sessions feed large weights as inputs: onnxruntime copies initializers handed
+    over in memory (add_external_initializers), a second copy of the model."""
+    from spa_compiler.ir import forget, read_model_proto
+    from spa_compiler.runtime import session
+
+    make_llama = _make_llama()
+    path = tmp_path / "llama.onnx"
+    make_llama.save(make_llama.build(512, 2, 8, 8, 1536, 8000), path)  # ~46 MB of weights
+    weights = (tmp_path / "llama.onnx.data").stat().st_size
+    proto = read_model_proto(path, hold_large=True)
+    try:
+        before = _resident_bytes()
+        runner = session(proto)
+        grown = _resident_bytes() - before
+        logits = runner.run(None, {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})[0]
+    finally:
+        forget(proto)
+    assert logits.shape == (1, 3, 8000)
+    assert grown < weights / 4, (grown, weights)
