@@ -423,6 +423,12 @@ def bench_group() -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="PNG of the speed-ups against the batch, next to the MACs cuts.",
+)
 def bench_command(
     models: tuple[str, ...],
     batches: str,
@@ -431,6 +437,7 @@ def bench_command(
     runs: int,
     warmup: int,
     json_path: str | None,
+    plot_path: str | None,
 ) -> None:
     """Time MODELS side by side in onnxruntime (interleaved runs; the first is the
     reference for speed-ups, FLOPs and parameter ratios)."""
@@ -442,6 +449,8 @@ def bench_command(
     if json_path:
         text = json.dumps(result.to_json(), indent=1, sort_keys=True) + "\n"
         write_atomic(pathlib.Path(json_path), text.encode())
+    if plot_path:
+        write_atomic(pathlib.Path(plot_path), result.plot())
 
 
 def _parse_ints(option: str, text: str) -> tuple[int, ...]:

@@ -85,6 +85,43 @@ class BenchResult:
         lines.extend(f"  skipped: {why}" for why in self.skipped)
         return "\n".join(lines)
 
+    def plot(self) -> bytes:
+        """PNG: each model's speed-up over the first against the batch, next to the cut its
+        MACs promise (the first model's MACs over its own), the 'fewer FLOPs, no speed-up'
+        gap made visible."""
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6.4, 4.2))
+        batches = sorted({t.batch for t in self.timings})
+        for index, model in enumerate(self.models[1:], start=1):
+            points = sorted(
+                (t.batch, t.speedup) for t in self.timings if t.model == model and t.speedup
+            )
+            if not points:
+                continue
+            (line,) = axis.plot(*zip(*points, strict=True), "o-", label=pathlib.Path(model).name)
+            if self.macs and self.macs[0] and self.macs[index]:
+                promised = self.macs[0] / self.macs[index]
+                axis.axhline(promised, color=line.get_color(), ls=":", lw=1,
+                             label=f"MACs cut {promised:.2f}x")  # fmt: skip
+        axis.axhline(1.0, color="black", lw=0.6)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(batches, [str(b) for b in batches])
+        axis.set_xlabel("batch")
+        axis.set_ylabel(f"speed-up over {pathlib.Path(self.models[0]).name} (p50)")
+        axis.set_title(f"spa bench, {self.device}, {self.threads or 'default'} threads")
+        axis.legend(fontsize=8)
+        buffer = io.BytesIO()
+        figure.tight_layout()
+        figure.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+        plt.close(figure)
+        return buffer.getvalue()
+
 
 def _providers(device: str) -> list[str]:
     if device == "cpu":

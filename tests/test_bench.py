@@ -52,15 +52,16 @@ def test_fixed_batch_sizes_are_skipped_with_a_reason(tmp_path):
 
 
 def test_cli_json_and_compile_bench(tmp_path, pruned):
-    report = tmp_path / "bench.json"
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     done = subprocess.run(
         [*SPA, "bench", str(MODELS / "digits_cnn.onnx"), str(pruned), "--batch", "2",
-         "--runs", "3", "--threads", "1", "--json", str(report)],
+         "--runs", "3", "--threads", "1", "--json", str(report), "--plot", str(plot)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
     assert data["threads"] == 1 and len(data["timings"]) == 2
+    assert plot.read_bytes().startswith(b"\x89PNG")
     out = tmp_path / "out.onnx"
     done = subprocess.run(
         [*SPA, "compile", str(MODELS / "digits_cnn.onnx"), "--ratio", "0.3", "--criterion", "l1",
