@@ -50,15 +50,9 @@ FILES: dict[str, tuple[list[int], list[str]]] = {
     "tensorflow/keras_resnet_cnn.onnx": ([8, 8, 16, 32], ["Softmax axis"]),
     # BN after the ReLU stays as Mul+Add, coupled with its conv's output
     "tensorflow/keras_bn_after_relu.onnx": ([8, 12, 16], []),
-    # Follow-up: Flatten's target is Concat(Shape(x)[0:1], [192]), 192 = 4*4*12 a constant;
-    # spa reads the Shape as reading the 12 channels and cannot rewrite the 192.
-    "tensorflow/keras_flatten_cnn.onnx": (
-        [8, 24],
-        [
-            "its size is read by a Shape computation",
-            "Reshape target computed at run time in a form spa cannot rewrite",
-        ],
-    ),
+    # Flatten's target is Cast(Concat(Gather(Shape(x), NHWC order)[0:1], [192])), 192 =
+    # 4*4*12 a constant: only the batch size is read, and the 192 is rewritten
+    "tensorflow/keras_flatten_cnn.onnx": ([8, 12, 24], []),
     # BatchNormalization on 2-D data is Mul+Add after the MatMul+Add
     "tensorflow/keras_dense_mlp.onnx": ([16, 32], []),
     "jax/flax_mlp.onnx": ([16, 32], []),
@@ -68,8 +62,8 @@ FILES: dict[str, tuple[list[int], list[str]]] = {
     # the declared shapes and blocks the 8-channel residual trunk. Only the strided conv
     # (16) is left; see test_jax2onnx_stale_value_info for the same file without them.
     "jax/flax_resnet_cnn.onnx": ([16], ["maps axes of different sizes"]),
-    # Follow-up: the flatten is Reshape(x, Concat(Shape(x)[0], [192])), as tf2onnx's
-    "jax/flax_flatten_cnn.onnx": ([8, 24], ["its size is read by a Shape computation"]),
+    # the flatten is Reshape(x, Concat(Unsqueeze(Squeeze(Shape(x)[0])), [192])), as tf2onnx's
+    "jax/flax_flatten_cnn.onnx": ([8, 12, 24], []),
     # trunk 8 with the depthwise conv, inner conv 8, pointwise 16 (BN + hardswish), Linear 32
     "paddle/paddle_resnet_cnn.onnx": ([8, 8, 16, 32], []),
     # Paddle's flatten is Reshape(x, Concat(Shape(x)[0:1], [-1])): the 12 channels prune
