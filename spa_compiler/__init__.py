@@ -36,7 +36,8 @@ def prepare(model: Model) -> Model:
     from spa_compiler.passes import CompleteShapes, FoldConstants, InferShapes
     from spa_compiler.pipeline import run_passes
 
-    model = run_passes(model, [InferShapes(), FoldConstants(), InferShapes()]).model
+    passes = [InferShapes(check_declared=True), FoldConstants(), InferShapes()]
+    model = run_passes(model, passes).model
     for _ in range(8):  # each round can unlock reshapes further down
         result = run_passes(model, [CompleteShapes()])
         if not result.changed:

@@ -115,6 +115,61 @@ def test_input_file_is_never_modified(tmp_path):
     assert "prunable" in result.stdout
 
 
+def _declare(proto: onnx.ModelProto, name: str, shape: list | None) -> None:
+    value = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+    proto.graph.value_info.append(value)
+
+
+def _shapes(model, *names: str) -> list:
+    tensors = model.graph.tensors()
+    return [list(tensors[name].shape) for name in names]
+
+
+def test_declared_shapes_that_inference_contradicts_are_replaced():
+    """Declared intermediate shapes are claims: a wrong rank or a wrong number is replaced by
+    what ONNX's inference computes without them (with a warning); a shape only named
+    differently stays."""
+    proto = small_model()
+    relu1, relu2 = proto.graph.node[1].output[0], proto.graph.node[3].output[0]
+    _declare(proto, proto.graph.node[0].output[0], ["N", 8, 8, 8])  # right
+    _declare(proto, relu1, ["N", 8, 8, 8, 1])  # wrong rank
+    _declare(proto, relu2, ["N", 8, 8, 3])  # one dim wrong
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="2 declared shape"):
+        model = spa_compiler.from_proto(proto)
+    assert _shapes(model, relu1, relu2) == [["N", 8, 8, 8], ["N", 8, 8, 8]]
+    assert [g.channels for g in spa_compiler.inspect(model).prunable] == [8, 8]
+
+
+def test_replaced_declaration_is_one_warning_line(tmp_path):
+    proto = small_model()
+    _declare(proto, proto.graph.node[1].output[0], ["N", 8, 8, 3])
+    path = tmp_path / "stale.onnx"
+    onnx.save(proto, path)
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("spa: warning: 1 declared shape(s) contradict")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_declared_shapes_inference_cannot_reach_are_kept():
+    """After an op ONNX's inference does not know, the declared shape is all spa has."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c1")])
+    mystery = b.op("Mystery", [h], name="mystery")
+    b.nodes[-1].domain = "custom.domain"
+    b.output(b.conv(b.op("Relu", [mystery]), 8, 4, name="c2"), shape=["N", 4, 8, 8])
+    graph = helper.make_graph(b.nodes, "g", b.inputs, b.outputs, b.inits)
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.domain", 1)],
+        ir_version=8,
+    )
+    _declare(proto, mystery, ["N", 8, 8, 8])
+    model = spa_compiler.from_proto(proto)
+    assert _shapes(model, mystery) == [["N", 8, 8, 8]]
+
+
 def test_missing_file(tmp_path):
     assert_bad_input(tmp_path / "nope.onnx", "no such file")
 
