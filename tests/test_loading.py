@@ -63,7 +63,9 @@ def assert_bad_input(path: pathlib.Path, *fragments: str) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
-@pytest.mark.parametrize(("opset", "ir_version"), [(11, 7), (13, 7), (17, 8), (21, 10)])
+@pytest.mark.parametrize(
+    ("opset", "ir_version"), [(11, 7), (13, 7), (17, 8), (21, 10), (22, 10), (23, 11)]
+)
 def test_opsets_and_ir_versions(tmp_path, opset, ir_version):
     path = tmp_path / "m.onnx"
     onnx.save(small_model(opset, ir_version), path)
@@ -201,7 +203,10 @@ def test_unsupported_opset(tmp_path):
     proto.opset_import[0].version = 7
     path = tmp_path / "old.onnx"
     path.write_bytes(proto.SerializeToString())
-    assert_bad_input(path, "opset 7 is not supported")
+    assert_bad_input(path, "opset 7 is not supported (supported: 11-23)")
+    proto.opset_import[0].version = 24
+    path.write_bytes(proto.SerializeToString())
+    assert_bad_input(path, "opset 24 is not supported (supported: 11-23)")
 
 
 def _with_external(

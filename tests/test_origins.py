@@ -35,7 +35,7 @@ from oracle import (
 )
 
 import spa_compiler
-from spa_compiler.errors import BadInputError, SpaWarning
+from spa_compiler.errors import SpaWarning
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 MAX_BYTES = 200_000
@@ -56,6 +56,8 @@ FILES: dict[str, tuple[list[int], list[str]]] = {
     # BatchNormalization on 2-D data is Mul+Add after the MatMul+Add
     "tensorflow/keras_dense_mlp.onnx": ([16, 32], []),
     "jax/flax_mlp.onnx": ([16, 32], []),
+    # the same MLP at jax2onnx's default opset, 23
+    "jax/flax_mlp_opset23.onnx": ([16, 32], []),
     "jax/jax_function_mlp.onnx": ([16, 32], []),
     # the 8-channel residual trunk and the strided conv (16); jax2onnx 0.17.1 declares NHWC
     # shapes for tensors it has made NCHW, which spa replaces (test_jax2onnx_stale_value_info)
@@ -126,7 +128,7 @@ def _check_analysis(model, expected: list[int], words: list[str]) -> None:
 
 def test_checked_in_files_are_listed_small_and_from_their_converter():
     found = {str(p.relative_to(DATA)) for p in DATA.glob("*/*.onnx")}
-    assert found == set(FILES) | {"jax/flax_mlp_opset23.onnx"}
+    assert found == set(FILES)
     for name in found:
         path = DATA / name
         assert path.stat().st_size < MAX_BYTES, name
@@ -177,10 +179,13 @@ def test_jax2onnx_stale_value_info():
     _check_analysis(proto, [8, 16], [])
 
 
-def test_jax2onnx_default_opset_is_refused():
-    """jax2onnx writes opset 23 unless told otherwise; spa reads 11-21 and says so."""
-    with pytest.raises(BadInputError, match="opset 23 is not supported"):
-        spa_compiler.load(DATA / "jax/flax_mlp_opset23.onnx")
+def test_jax2onnx_default_opset_is_read():
+    """jax2onnx writes opset 23 unless told otherwise; spa reads opsets 11-23."""
+    proto = onnx.load(str(DATA / "jax/flax_mlp_opset23.onnx"))
+    assert proto.opset_import[0].version == 23
+    opset21 = spa_compiler.inspect(DATA / "jax/flax_mlp.onnx")
+    opset23 = spa_compiler.inspect(DATA / "jax/flax_mlp_opset23.onnx")
+    assert [g.channels for g in opset23.groups] == [g.channels for g in opset21.groups]
 
 
 # --------------------------------------------------------------------------- scikit-learn, live
