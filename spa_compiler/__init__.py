@@ -67,8 +67,9 @@ def compile(model, **options):
 
 def from_proto(proto: onnx.ModelProto) -> Model:
     """Check an in-memory ModelProto (no external data) and prepare it for analysis."""
-    from spa_compiler.ir import check
+    from spa_compiler.ir import check, read_minus_one_as_dynamic
 
+    proto = read_minus_one_as_dynamic(proto)
     problem = check(proto)
     if problem:
         raise BadInputError(f"model fails the ONNX checker: {problem[:300]}")

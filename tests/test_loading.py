@@ -13,6 +13,7 @@ import onnx
 import pytest
 from builder import GraphBuilder
 from onnx import helper, numpy_helper
+from oracle import compile_check
 
 import spa_compiler
 
@@ -170,6 +171,44 @@ def test_declared_shapes_inference_cannot_reach_are_kept():
     _declare(proto, mystery, ["N", 8, 8, 8])
     model = spa_compiler.from_proto(proto)
     assert _shapes(model, mystery) == [["N", 8, 8, 8]]
+
+
+def _minus_one_batch() -> onnx.ModelProto:
+    """small_model with its batch declared as dim_value -1, in the input and the output, as
+    old paddle2onnx writes it."""
+    proto = small_model()
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    return proto
+
+
+def test_dimension_minus_one_is_read_as_dynamic(tmp_path):
+    proto = _minus_one_batch()
+    before = proto.SerializeToString()
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="declares dimension -1"):
+        analysis = spa_compiler.inspect(proto)
+    assert structure(analysis) == structure(spa_compiler.inspect(small_model()))
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="declares dimension -1"):
+        assert compile_check(proto, 0.5, 0) <= 1e-4
+    assert proto.SerializeToString() == before  # the caller's proto is left as it is
+    path = tmp_path / "minus_one.onnx"
+    onnx.save(proto, path)
+    result = run_cli("compile", str(path), "--ratio", "0.5", "-o", str(tmp_path / "out.onnx"))
+    assert result.returncode == 0, result.stderr
+    warning = "input 'x' axis 0 (and 1 more) declares dimension -1: read as a dynamic dimension"
+    assert [line for line in result.stderr.splitlines() if "-1" in line] == [
+        f"spa: warning: {path}: {warning}, as onnxruntime does"
+    ]
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "x_dynamic_0"
+
+
+def test_other_negative_input_dimensions_are_refused(tmp_path):
+    proto = small_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -2
+    path = tmp_path / "minus_two.onnx"
+    onnx.save(proto, path)
+    assert_bad_input(path, "input 'x' declares a negative dimension")
 
 
 def test_missing_file(tmp_path):
