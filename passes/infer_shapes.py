@@ -5,6 +5,13 @@ Where -> Expand for torch's expand, B*S merges for addmm) with named symbolic di
 Inference runs on a skeleton of the graph: large weights become typed graph inputs, so the
 weights are neither serialized nor copied (BERT-base: 3.5 s -> well under a second). Shapes
 are written back onto the graphsurgeon tensors in place.
+
+A file's declared shapes of intermediate tensors (``value_info``) are claims; inference is
+computed. With ``check_declared`` (the first run on a loaded model), ONNX's inference first runs
+without them, and a declared shape that it contradicts (another rank, or another value for a
+dim both give as a number) is replaced by the inferred one (jax2onnx 0.17.1 declares the NHWC
+shapes of tensors it has made NCHW). Declared shapes that inference does not reach stay, and
+so do the graph's input and output declarations.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spa_compiler.errors import BadInputError
+from spa_compiler.errors import BadInputError, SpaWarning
 from spa_compiler.ir import ANONYMOUS_DIM_PREFIX, SKELETON_ELEMENTS, Model
 from spa_compiler.pipeline import Pass, PassResult
 
@@ -150,26 +157,76 @@ def _to_gs_shape(value: onnx.ValueInfoProto, run: int) -> list | None:
     return shape
 
 
+def _onnx_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(
+            skeleton, check_type=False, strict_mode=False, data_prop=True
+        )
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
+
+
+def _contradicts(inferred: list, declared: list) -> bool:
+    """Whether two shapes of one tensor cannot both hold: other ranks, or a dim that both give
+    as a number with different values (a name may stand for any number)."""
+    if len(inferred) != len(declared):
+        return True
+    return any(
+        isinstance(a, int) and isinstance(b, int) and a != b
+        for a, b in zip(inferred, declared, strict=True)
+    )
+
+
+def _correct_declarations(graph: gs.Graph, skeleton: onnx.ModelProto, run: int) -> list[str]:
+    """Replace the declared shapes of intermediate tensors that ONNX's inference, run without
+    any of them, contradicts; return one description per replacement."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(skeleton)
+    del bare.graph.value_info[:]
+    inferred = _onnx_inference(bare)
+    boundary = {t.name for t in [*graph.inputs, *graph.outputs]}
+    tensors = graph.tensors()
+    corrected = []
+    for value in inferred.graph.value_info:
+        tensor = tensors.get(value.name)
+        if not isinstance(tensor, gs.Variable) or tensor.shape is None or value.name in boundary:
+            continue
+        shape = _to_gs_shape(value, run)
+        if shape is not None and _contradicts(shape, list(tensor.shape)):
+            corrected.append(f"'{value.name}' declared {list(tensor.shape)}, inferred {shape}")
+            tensor.shape = shape
+    return corrected
+
+
 class InferShapes(Pass):
     """``symbolic``: also run onnxruntime's symbolic inference (slower; follows shape
-    arithmetic ONNX's inference leaves unknown)."""
+    arithmetic ONNX's inference leaves unknown). ``check_declared``: first replace declared
+    intermediate shapes that ONNX's inference contradicts (see the module's docstring)."""
 
     name = "infer-shapes"
 
-    def __init__(self, symbolic: bool = True) -> None:
+    def __init__(self, symbolic: bool = True, check_declared: bool = False) -> None:
         self.symbolic = symbolic
+        self.check_declared = check_declared
 
     def call(self, model: Model) -> PassResult:
         graph = model.graph
         skeleton = _skeleton(graph)
         skeleton.ir_version = model.ir_version
-        try:
-            inferred = onnx.shape_inference.infer_shapes(
-                skeleton, check_type=False, strict_mode=False, data_prop=True
+        corrected = []
+        if self.check_declared:  # its anonymous dims get names of their own run
+            corrected = _correct_declarations(graph, skeleton, next(_RUNS))
+        if corrected:
+            warnings.warn(
+                f"{len(corrected)} declared shape(s) contradict ONNX shape inference and were "
+                f"replaced by the inferred ones (first: {corrected[0]})",
+                SpaWarning,
+                stacklevel=1,
             )
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
+            skeleton = _skeleton(graph)
+            skeleton.ir_version = model.ir_version
+        inferred = _onnx_inference(skeleton)
         values = [*inferred.graph.value_info, *inferred.graph.output]
         symbolic = None
         if self.symbolic and not _all_resolved(inferred):
@@ -178,7 +235,7 @@ class InferShapes(Pass):
             values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()
         input_symbols = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
-        changed = 0
+        changed = len(corrected)
         run = next(_RUNS)
         for value in values:
             tensor = tensors.get(value.name)
@@ -197,7 +254,8 @@ class InferShapes(Pass):
                     value.type.tensor_type.elem_type
                 )
         _refuse_absurd_activations(graph)
-        return PassResult(model, changed=changed > 0, details={"updated_shapes": changed})
+        details = {"updated_shapes": changed, "corrected_declarations": corrected}
+        return PassResult(model, changed=changed > 0, details=details)
 
 
 def _refuse_absurd_activations(graph: gs.Graph) -> None:

@@ -36,7 +36,8 @@ def prepare(model: Model) -> Model:
     from spa_compiler.passes import CompleteShapes, FoldConstants, InferShapes
     from spa_compiler.pipeline import run_passes
 
-    model = run_passes(model, [InferShapes(), FoldConstants(), InferShapes()]).model
+    passes = [InferShapes(check_declared=True), FoldConstants(), InferShapes()]
+    model = run_passes(model, passes).model
     for _ in range(8):  # each round can unlock reshapes further down
         result = run_passes(model, [CompleteShapes()])
         if not result.changed:
@@ -66,8 +67,9 @@ def compile(model, **options):
 
 def from_proto(proto: onnx.ModelProto) -> Model:
     """Check an in-memory ModelProto (no external data) and prepare it for analysis."""
-    from spa_compiler.ir import check
+    from spa_compiler.ir import check, read_minus_one_as_dynamic
 
+    proto = read_minus_one_as_dynamic(proto)
     problem = check(proto)
     if problem:
         raise BadInputError(f"model fails the ONNX checker: {problem[:300]}")

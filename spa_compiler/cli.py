@@ -9,11 +9,12 @@ import math
 import os
 import pathlib
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from spa_compiler.errors import EXIT_BAD_INPUT, EXIT_FAILURE, SpaError
+from spa_compiler.errors import EXIT_BAD_INPUT, EXIT_FAILURE, SpaError, SpaWarning
 
 
 def _shorten(items: list[str], limit: int = 2) -> str:
@@ -677,8 +678,26 @@ def _check_output_paths(
             raise BadInputError(f"{option} {path}: is {what}{hint}")
 
 
+def _show_spa_warnings_on_one_line() -> None:
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, SpaWarning):
+            click.echo(f"spa: warning: {' '.join(str(message).split())}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
+    with warnings.catch_warnings():
+        _show_spa_warnings_on_one_line()
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="spa", standalone_mode=False)
         if isinstance(code, int) and code:

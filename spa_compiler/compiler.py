@@ -28,6 +28,7 @@ from spa_compiler.ir import (
     is_anonymous_dim,
     materialize,
     model_from_proto,
+    read_minus_one_as_dynamic,
     read_model_proto,
 )
 from spa_compiler.pipeline import run_passes
@@ -309,7 +310,7 @@ def _load(
     # a constant's values instead of writing into them: no copy of the weights is needed.
     # A file's large external weights are read straight into arrays (held, see ir.hold).
     if isinstance(model, onnx.ModelProto):
-        original = model
+        original = read_minus_one_as_dynamic(model)  # a copy only where it has -1 dims
     else:
         original = read_model_proto(model, hold_large=True)
     try:

@@ -28,3 +28,8 @@ class UnsafeExternalDataError(BadInputError):
 
 class PassError(SpaError):
     """A compiler pass found its precondition or postcondition violated."""
+
+
+class SpaWarning(UserWarning):
+    """Something spa read and interpreted rather than refused; the command line prints it as
+    one line (``spa: warning: ...``)."""

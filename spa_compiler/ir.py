@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,9 +19,13 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from spa_compiler.errors import BadInputError, UnsafeExternalDataError
+from spa_compiler.errors import BadInputError, SpaWarning, UnsafeExternalDataError
 
-SUPPORTED_OPSETS = range(11, 22)
+# Opsets 22 and 23 changed none of the op table's semantics: 22 added bfloat16 to many ops'
+# types, 23 float4e2m1, QuantizeLinear's ``precision`` and DequantizeLinear's ``output_dtype``
+# (the op table reads neither); ops new in 23 (Attention, RMSNormalization, RotaryEmbedding)
+# have no rule and block. tests/test_op_table.py lists every op of the table changed in 22/23.
+SUPPORTED_OPSETS = range(11, 24)
 
 # Prefix of dims ONNX shape inference could not name ("unk__N"), renamed per inference run so
 # that equal names always mean equal sizes.
@@ -211,6 +216,7 @@ def read_model_proto(path: str | os.PathLike[str], hold_large: bool = False) -> 
     _check_dims(proto)
     if not proto.graph.output:
         raise BadInputError(f"{path}: the graph declares no outputs")
+    read_minus_one_as_dynamic(proto, str(path), in_place=True)
     check_input_sizes(proto, str(path))
     load_external_data(proto, path.parent, hold_large)
     check_supported(proto, str(path))
@@ -312,6 +318,60 @@ def check(proto: onnx.ModelProto, full: bool = False) -> str | None:
 # their axes: an input declared larger than this is refused before anything is allocated.
 MAX_INPUT_BYTES = 2**31
 SYMBOLIC_DIM = 2  # the size a symbolic dim takes in generated inputs
+
+
+def read_minus_one_as_dynamic(
+    proto: onnx.ModelProto, where: str = "model", in_place: bool = False
+) -> onnx.ModelProto:
+    """Dims declared as ``dim_value: -1`` (old paddle2onnx writes them in graph inputs and
+    outputs; onnxruntime reads them as dynamic) become symbolic dims, with one warning. Other
+    negative values are left as they are (``check_input_sizes`` refuses them in inputs).
+    Returns ``proto`` where there is no -1, else ``proto`` changed (``in_place``) or a changed
+    copy."""
+    kinds = ("input", "output", "value_info")
+
+    def declared(model: onnx.ModelProto) -> list[tuple[str, onnx.ValueInfoProto]]:
+        graph = model.graph
+        return [(kind, value) for kind in kinds for value in getattr(graph, kind)]
+
+    def minus_ones(value: onnx.ValueInfoProto) -> list[int]:
+        if not value.type.HasField("tensor_type"):
+            return []
+        dims = value.type.tensor_type.shape.dim
+        return [
+            axis for axis, d in enumerate(dims) if d.HasField("dim_value") and d.dim_value == -1
+        ]
+
+    if not any(minus_ones(value) for _, value in declared(proto)):
+        return proto
+    if not in_place:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto = copy
+    taken = {
+        dim.dim_param
+        for _, value in declared(proto)
+        for dim in value.type.tensor_type.shape.dim
+        if dim.dim_param
+    }
+    described = []
+    for kind, value in declared(proto):
+        for axis in minus_ones(value):
+            name, count = f"{value.name}_dynamic_{axis}", 1
+            while name in taken:
+                count += 1
+                name = f"{value.name}_dynamic_{axis}_{count}"
+            taken.add(name)
+            value.type.tensor_type.shape.dim[axis].dim_param = name  # clears dim_value (a oneof)
+            described.append(f"{kind.replace('_', ' ')} '{value.name}' axis {axis}")
+    more = f" (and {len(described) - 1} more)" if len(described) > 1 else ""
+    warnings.warn(
+        f"{where}: {described[0]}{more} declares dimension -1: read as a dynamic dimension, as "
+        "onnxruntime does",
+        SpaWarning,
+        stacklevel=2,
+    )
+    return proto
 
 
 def check_input_sizes(proto: onnx.ModelProto, where: str = "model") -> None:

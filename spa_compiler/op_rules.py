@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,18 @@ class RuleContext:
 
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+def axes_of(node: gs.Node, input_index: int) -> list[int] | None:
+    """A node's axes from its attribute or its constant input; None if computed at run time."""
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if input_index >= len(node.inputs) or not node.inputs[input_index].name:
+        return []
+    tensor = node.inputs[input_index]
+    if not isinstance(tensor, gs.Constant):
+        return None
+    return [int(a) for a in np.asarray(tensor.values).reshape(-1)]
 
 
 def axes_input_or_attr(ctx: RuleContext, input_index: int) -> list[int] | None:
@@ -792,82 +805,82 @@ def reshape(ctx: RuleContext) -> None:
     shape_input = ctx.input(1)
     if shape_input is not None:
         ctx.block_tensor(shape_input, "reshape target operand")
-        target = ctx.const(1)
-        if target is None and not _shape_from_parts(ctx, 1):
-            ctx.block_all("Reshape target computed at run time in a form spa cannot rewrite")
-            return
-        for position in _uncoupled_positions(ctx, 1):
-            ctx.block(y, position, "size set at run time by a computation spa cannot follow")
+        if ctx.const(1) is None:
+            uncoupled = _uncoupled_positions(ctx, 1)
+            if uncoupled is None:
+                ctx.block_all("Reshape target computed at run time in a form spa cannot rewrite")
+                return
+            for position in uncoupled:
+                ctx.block(y, position, "size set at run time by a computation spa cannot follow")
     regroup(ctx, x, y)
 
 
-def _uncoupled_positions(ctx: RuleContext, index: int) -> list[int]:
-    """Positions of a run-time target that hold a size neither constant nor read by a Shape
-    whose uses the Shape rule follows (and so couples to this output axis)."""
+def _uncoupled_positions(ctx: RuleContext, index: int) -> list[int] | None:
+    """For a Reshape/Expand target computed at run time: the positions that hold a size
+    neither constant nor coupled to this output axis by a Shape rule (``_shape_reads``), to
+    be blocked; None if spa could not rewrite the target. A target is rewritable if it is a
+    Concat of 1-D parts of known length (the pruning pass rewrites the constant parts) or if
+    every position is a coupled size read (it follows the new sizes by itself)."""
     tensor = ctx.node.inputs[index]
-    producer = tensor.inputs[0] if tensor.inputs else None
-    length = tensor.shape[0] if tensor.shape else None
+    length = tensor.shape[0] if tensor.shape is not None and len(tensor.shape) == 1 else None
     if not isinstance(length, int):
-        return []
-    if producer is not None and producer.op in ("Shape", "Slice"):
-        return [] if _coupled_read(tensor) else list(range(length))
+        return None
+    output = ctx.output(0)
+    shift = (ctx.rank(output) or 0) - length if ctx.node.op == "Expand" else 0
+    coupled = {
+        target_axis - shift
+        for shape_node in _shape_nodes_behind(tensor)
+        for _, name, target_axis, _ in _shape_reads(ctx, shape_node).couplings
+        if name == output
+    }
     concat = concat_behind(tensor)
     if concat is None:
-        return []
+        return [] if coupled >= set(range(length)) else None
     positions, position = [], 0
     for part in concat.inputs:
-        size = part.shape[0] if part.shape and isinstance(part.shape[0], int) else 1
-        if not isinstance(part, gs.Constant) and not _coupled_read(part):
-            positions.extend(range(position, position + size))
+        shape = part.shape
+        size = shape[0] if shape is not None and len(shape) == 1 else None
+        if not isinstance(size, int):
+            return None
+        if not isinstance(part, gs.Constant):
+            positions.extend(p for p in range(position, position + size) if p not in coupled)
         position += size
-    return positions
+    return positions if position == length else None
 
 
-def _coupled_read(part: gs.Tensor) -> bool:
-    """Whether ``part`` is a size read by a Shape node whose every use the Shape rule can
-    follow into Reshape/Expand targets (then that rule links the axes)."""
-    tensor = part
-    for _ in range(6):
-        node = tensor.inputs[0] if tensor.inputs else None
-        if node is None:
-            return False
-        if node.op == "Shape":
-            rank = len(node.inputs[0].shape or [])
-            start = int(node.attrs.get("start", 0))
-            start = start + rank if start < 0 else start
-            end = int(node.attrs.get("end", rank))
-            end = max(0, min(rank, end + rank if end < 0 else end))
-            return _shape_couplings(tensor, list(range(start, end))) is not None
-        if (
-            node.op in ("Unsqueeze", "Gather", "Slice", "Cast")
-            or _constant_factor(node, node.inputs[0]) is not None
-        ):
-            tensor = node.inputs[0]
-            continue
-        return False
-    return False
+# Ops through which ``_shape_reads`` may carry a size into a target.
+_SIZE_CARRIERS = ("Concat", "Cast", "Where", "Reshape", "Gather", "Slice", "Squeeze", "Unsqueeze")
 
 
-def _shape_from_parts(ctx: RuleContext, index: int) -> bool:
-    """A run-time target is fine if it is a Concat of constants and of single dims read by
-    Shape: Shape blocks the axes it reads, so a pruned axis never hides in a run-time part."""
-    tensor = ctx.node.inputs[index]
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is not None and producer.op in ("Shape", "Slice") and _coupled_read(tensor):
-        return True  # sizes read from a tensor: the Shape rule couples its axes to the output's
-    producer = concat_behind(tensor)
-    if producer is None:
-        return False
-    return all(
-        isinstance(part, gs.Constant) or (part.shape is not None and len(part.shape) == 1)
-        for part in producer.inputs
-    )
+def _shape_nodes_behind(tensor: gs.Tensor) -> list[gs.Node]:
+    """Shape nodes whose read sizes may reach ``tensor`` through the ops they are followed by."""
+    found: list[gs.Node] = []
+    frontier, seen = [tensor], {id(tensor)}
+    for _ in range(MAX_SHAPE_PATH + 1):
+        following = []
+        for current in frontier:
+            node = current.inputs[0] if current.inputs else None
+            if node is None:
+                continue
+            if node.op == "Shape":
+                if node not in found:
+                    found.append(node)
+                continue
+            if node.op not in _SIZE_CARRIERS and node.op != "Mul":
+                continue
+            for source in node.inputs:
+                if id(source) not in seen and not isinstance(source, gs.Constant):
+                    seen.add(id(source))
+                    following.append(source)
+        frontier = following
+    return found
 
 
 def concat_behind(vector: gs.Tensor) -> gs.Node | None:
     """The Concat that builds a 1-D shape vector, looking through the position-keeping ops
-    torch's legacy expand export puts after it: Where(Equal(v, -1), ones, v) and a Reshape of
-    the vector to its own length."""
+    exporters put after it: a Cast to another integer type (tf2onnx), and torch's legacy
+    expand export's Where(Equal(v, -1), ones, v) and Reshape of the vector to its own
+    length."""
     for _ in range(4):
         node = vector.inputs[0] if vector.inputs else None
         if node is None:
@@ -876,10 +889,13 @@ def concat_behind(vector: gs.Tensor) -> gs.Node | None:
             return node
         if node.op == "Where" and len(node.inputs) == 3:
             vector = node.inputs[2]
-        elif node.op == "Reshape" and node.inputs[0].shape == vector.shape:
-            vector = node.inputs[0]
-        else:
+            continue
+        keeps = (node.op == "Reshape" and node.inputs[0].shape == vector.shape) or (
+            node.op == "Cast" and int(node.attrs.get("to", 0)) in _INTEGER_TYPES
+        )
+        if not keeps:
             return None
+        vector = node.inputs[0]
     return None
 
 
@@ -1072,12 +1088,13 @@ def expand(ctx: RuleContext) -> None:
     ctx.block_tensor(ctx.input(1), "target shape operand")
     x_shape, y_shape = ctx.shape(x) or [], ctx.shape(y) or []
     static_target = ctx.const(1) is not None
-    if not static_target and not _shape_from_parts(ctx, 1):
+    uncoupled = [] if static_target else _uncoupled_positions(ctx, 1)
+    if uncoupled is None:
         # The target holds every output size; spa can only rewrite constants it can find.
         ctx.block_all("Expand target computed at run time in a form spa cannot rewrite")
         return
     shift = len(y_shape) - (ctx.shape(ctx.input(1)) or [len(y_shape)])[0]
-    for position in [] if static_target else _uncoupled_positions(ctx, 1):
+    for position in uncoupled:
         ctx.block(y, position + shift, "size set at run time by a computation spa cannot follow")
     offset = len(y_shape) - len(x_shape)
     for axis in range(len(y_shape)):
@@ -1180,7 +1197,9 @@ def trilu(ctx: RuleContext) -> None:
 def shape_reader(ctx: RuleContext) -> None:
     """A size read at run time is fine where it only becomes the same-position dim of a
     Reshape or Expand target: after pruning it reads the new size, so the two axes are
-    coupled (linked). Any other use blocks the axes read."""
+    coupled (linked). The read sizes are followed entry by entry (``_shape_reads``): an axis
+    whose size reaches any other use is blocked; an axis whose size no use reads (only the
+    batch entry is picked by a Gather or Slice of constant indices) is free."""
     x = ctx.input(0)
     rank = ctx.rank(x) or 0
     for name in ctx.outputs:
@@ -1188,22 +1207,16 @@ def shape_reader(ctx: RuleContext) -> None:
     if ctx.node.op == "Size":
         ctx.block_tensor(x, "its size is read by Size")
         return
-    start = normalize_axis(int(ctx.attr("start", 0)), rank)
-    end = max(0, min(rank, normalize_axis(int(ctx.attr("end", rank)), rank)))
-    graph_outputs = {t.name for t in ctx.channels.graph.outputs}
-    couplings = None
-    if ctx.output(0) not in graph_outputs:
-        couplings = _shape_couplings(ctx.node.outputs[0], list(range(start, end)))
-    if couplings is None:
-        for axis in range(rank):
-            if start <= axis < end:
-                ctx.block(x, axis, "its size is read by a Shape computation")
-            else:
-                ctx.free(x, axis)
+    if ctx.rank(x) is None:
+        ctx.block_all("Shape of a tensor of unknown rank")
         return
+    reads = _shape_reads(ctx, ctx.node)
     for axis in range(rank):
-        ctx.free(x, axis)
-    for axis, target, target_axis, scale in couplings:
+        if axis in reads.unfollowed:
+            ctx.block(x, axis, "its size is read by a Shape computation")
+        else:
+            ctx.free(x, axis)
+    for axis, target, target_axis, scale in reads.couplings:
         size, target_size = ctx.dim(x, axis), ctx.dim(target, target_axis)
         if scale == 1 or size is None:
             ctx.link(x, axis, target, target_axis)
@@ -1219,69 +1232,195 @@ def shape_reader(ctx: RuleContext) -> None:
                 np.arange(size * scale),
             )
         else:
-            ctx.block(x, axis, "its size is read and scaled into an unrelated shape")
+            reason = "its size is read and scaled into an unrelated shape"
+            ctx.block(x, axis, reason)
+            ctx.block(target, target_axis, reason)
 
 
 Coupling = tuple[int, str, int, int]  # axis read, tensor, its axis, scale
+# ONNX's int32, int64, uint32, uint64: a size survives a Cast to them unchanged.
+_INTEGER_TYPES = (6, 7, 12, 13)
+# How far a read size is followed through shape arithmetic before spa gives up on it.
+MAX_SHAPE_PATH = 16
 
 
-def _shape_couplings(shape: gs.Tensor, axes: list[int]) -> list[Coupling] | None:
-    """(axis read, tensor, axis) pairs whose sizes must stay equal; None if a use is unclear."""
-    couplings: list[Coupling] = []
-    for consumer in shape.outputs:
-        if consumer.op == "Gather" and isinstance(consumer.inputs[1], gs.Constant):
-            picked = [axes[int(i)] for i in np.asarray(consumer.inputs[1].values).reshape(-1)]
-            part = consumer.outputs[0]
-            scalar = np.asarray(consumer.inputs[1].values).ndim == 0
-        elif (
-            consumer.op == "Slice"
-            and len(consumer.inputs) in (3, 4)
-            and all(isinstance(t, gs.Constant) for t in consumer.inputs[1:])
-        ):
-            begin = int(np.asarray(consumer.inputs[1].values).reshape(-1)[0])
-            stop = int(np.asarray(consumer.inputs[2].values).reshape(-1)[0])
-            picked = axes[begin:stop]
-            part, scalar = consumer.outputs[0], False
-        elif consumer.op in ("Reshape", "Expand") and consumer.inputs[1] is shape:
-            found = _target_positions(consumer, axes, 0, 1)
-            if found is None:
-                return None
-            couplings.extend(found)
+@dataclass
+class ShapeReads:
+    """Where the sizes a Shape node reads end up: coupled to Reshape/Expand output axes, or
+    in a use spa cannot follow (those axes must keep their size)."""
+
+    couplings: list[Coupling] = field(default_factory=list)
+    unfollowed: set[int] = field(default_factory=set)
+
+
+def _shape_reads(ctx: RuleContext, node: gs.Node) -> ShapeReads:
+    """Follow each entry of a Shape node's output (the size of one axis) through the shape
+    arithmetic exporters write. Only ops that move entries without changing them are
+    followed: Gather and Slice of constant indices, Cast to an integer type, Squeeze and
+    Unsqueeze between a scalar and a one-entry vector, Concat, a Reshape of the vector to its
+    own length, torch's Where(Equal(v, -1), ones, v), and a scalar's Mul by a positive integer
+    constant. An entry reaching a Reshape/Expand target is coupled to that output axis; one
+    reaching anything else (a graph output, a sub-graph, other arithmetic) is unfollowed."""
+    rank = len(node.inputs[0].shape or [])
+    start = normalize_axis(int(node.attrs.get("start", 0)), rank)
+    end = max(0, min(rank, normalize_axis(int(node.attrs.get("end", rank)), rank)))
+    start = max(0, min(rank, start))
+    reads = ShapeReads()
+    entries: list[int | None] = list(range(start, end))
+    _follow_sizes(node.outputs[0], entries, False, 1, reads, _opaque_tensors(ctx), 0)
+    return reads
+
+
+def _opaque_tensors(ctx: RuleContext) -> set[str]:
+    """Tensors whose readers spa does not see as nodes: graph outputs and the tensors that
+    If/Loop/Scan sub-graphs read from the enclosing graph."""
+    cached = ctx.channels.__dict__.get("_opaque_tensors")
+    if cached is None:
+        graph = ctx.channels.graph
+        cached = {t.name for t in graph.outputs}
+        for node in graph.nodes:
+            cached.update(outer_scope_inputs(node))
+        ctx.channels.__dict__["_opaque_tensors"] = cached
+    return cached
+
+
+def _integer_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    if not isinstance(tensor, gs.Constant):
+        return None
+    values = np.asarray(tensor.values)
+    return values if np.issubdtype(values.dtype, np.integer) else None
+
+
+def _follow_sizes(
+    value: gs.Tensor,
+    entries: list[int | None],
+    scalar: bool,
+    scale: int,
+    reads: ShapeReads,
+    opaque: set[str],
+    depth: int,
+) -> None:
+    """``value`` holds, at position k, the size of axis ``entries[k]`` times ``scale`` (None:
+    not a size this Shape read); a scalar when ``scalar`` (one entry)."""
+    read = {axis for axis in entries if axis is not None}
+    if not read:
+        return
+    if depth > MAX_SHAPE_PATH or value.name in opaque:
+        reads.unfollowed.update(read)
+        return
+    for user in value.outputs:
+        moved = _moved_entries(user, value, entries, scalar, scale)
+        if moved is None:
+            reads.unfollowed.update(read)
             continue
-        else:
-            return None
-        found = _through_parts(part, picked, scalar, 1)
-        if found is None:
-            return None
-        couplings.extend(found)
-    return couplings
+        if moved == "target":
+            couplings = _target_couplings(user, entries, scale)
+            if couplings is None:
+                reads.unfollowed.update(read)
+            else:
+                reads.couplings.extend(couplings)
+            continue
+        if moved == "ignored":
+            continue
+        out_entries, out_scalar, out_scale = moved
+        _follow_sizes(user.outputs[0], out_entries, out_scalar, out_scale, reads, opaque, depth + 1)
 
 
-def _through_parts(
-    part: gs.Tensor, picked: list[int], scalar: bool, scale: int
+def _moved_entries(
+    user: gs.Node, value: gs.Tensor, entries: list[int | None], scalar: bool, scale: int
+):
+    """Where ``user`` puts the entries of ``value``: (entries, scalar, scale) of its output,
+    "target" for a Reshape/Expand target, "ignored" for a use that cannot change with the
+    sizes, or None for a use spa does not follow."""
+    inputs, op = user.inputs, user.op
+    if len(user.outputs) != 1:
+        return None
+    first = len(inputs) > 0 and inputs[0] is value
+    if op in ("Reshape", "Expand") and len(inputs) > 1 and inputs[1] is value and not first:
+        return None if scalar else "target"
+    if op == "Equal":
+        # Equal(v, -1) only finds torch's -1 placeholders: false for every size, pruned or not
+        return "ignored" if _compared_with_negatives(user, value) else None
+    if op == "Where" and len(inputs) == 3 and inputs[2] is value and inputs[1] is not value:
+        # torch's Where(Equal(v, -1), ones, v): v wherever v holds a size
+        test = inputs[0].inputs[0] if inputs[0].inputs else None
+        placeholders = test is not None and _compared_with_negatives(test, value)
+        return (entries, False, scale) if placeholders and not scalar else None
+    if op == "Cast" and first:
+        integer = int(user.attrs.get("to", 0)) in _INTEGER_TYPES
+        return (entries, scalar, scale) if integer else None
+    if op == "Mul" and scalar:
+        factor = _constant_factor(user, value)
+        return None if factor is None else (entries, True, scale * factor)
+    if not first:
+        return None
+    if op == "Gather" and int(user.attrs.get("axis", 0)) == 0 and not scalar:
+        indices = _integer_constant(inputs[1]) if len(inputs) > 1 else None
+        if indices is None or indices.ndim > 1:
+            return None
+        flat = indices.reshape(-1)
+        if np.any(flat < -len(entries)) or np.any(flat >= len(entries)):
+            return None
+        picked = [entries[int(i)] for i in flat]
+        return picked, indices.ndim == 0, scale
+    if op == "Slice" and not scalar and len(inputs) in (3, 4, 5):
+        bounds = [_integer_constant(t) for t in inputs[1:]]
+        if any(b is None or b.size != 1 for b in bounds):
+            return None
+        start, stop = int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0])
+        axis = int(bounds[2].reshape(-1)[0]) if len(bounds) > 2 else 0
+        step = int(bounds[3].reshape(-1)[0]) if len(bounds) > 3 else 1
+        if axis not in (0, -1) or step == 0:
+            return None
+        positions = np.arange(len(entries))[slice(start, stop, step)]
+        return [entries[int(k)] for k in positions], False, scale
+    if op == "Squeeze" and not scalar and len(entries) == 1:
+        return entries, True, scale
+    if op == "Unsqueeze" and scalar:
+        axes = axes_of(user, 1)
+        return (entries, False, scale) if axes is not None and len(axes) == 1 else None
+    if op == "Concat" and not scalar and int(user.attrs.get("axis", 0)) in (0, -1):
+        lengths = []
+        for part in inputs:
+            length = part.shape[0] if part.shape is not None and len(part.shape) == 1 else None
+            if not isinstance(length, int):
+                return None
+            lengths.append(length)
+        out: list[int | None] = []
+        for part, length in zip(inputs, lengths, strict=True):
+            out.extend(entries if part is value else [None] * length)
+        return out, False, scale
+    if op == "Reshape" and not scalar and isinstance(inputs[1], gs.Constant):
+        # a reshape of the vector to its own length
+        own = [len(entries)]
+        shapes = [value.shape, user.outputs[0].shape]
+        if all(shape is not None and list(shape) == own for shape in shapes):
+            return entries, False, scale
+    return None
+
+
+def _compared_with_negatives(node: gs.Node, value: gs.Tensor) -> bool:
+    """Whether ``node`` is Equal(value, c) with c integer constants below zero (never a size)."""
+    if node.op != "Equal" or len(node.inputs) != 2 or value not in node.inputs:
+        return False
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    constant = _integer_constant(other)
+    return constant is not None and bool(np.all(constant < 0))
+
+
+def _target_couplings(
+    node: gs.Node, entries: list[int | None], scale: int
 ) -> list[Coupling] | None:
-    couplings: list[Coupling] = []
-    for user in part.outputs:
-        factor = _constant_factor(user, part) if scalar else None
-        if scalar and user.op == "Unsqueeze":
-            found = _through_parts(user.outputs[0], picked, False, scale)
-        elif factor is not None:
-            found = _through_parts(user.outputs[0], picked, True, scale * factor)
-        elif not scalar and user.op == "Concat":
-            offset = 0
-            for piece in user.inputs:
-                if piece is part:
-                    break
-                if piece.shape is None or not isinstance(piece.shape[0], int):
-                    return None
-                offset += piece.shape[0]
-            found = _shape_vector_targets(user.outputs[0], picked, offset, scale)
-        else:
-            return None
-        if found is None:
-            return None
-        couplings.extend(found)
-    return couplings
+    output = node.outputs[0]
+    length = node.inputs[1].shape[0] if node.inputs[1].shape else None
+    if output.shape is None or length != len(entries):
+        return None
+    shift = len(output.shape) - length  # Expand aligns its target to the right
+    if shift < 0 or (node.op == "Reshape" and shift != 0):
+        return None
+    return [
+        (axis, output.name, k + shift, scale) for k, axis in enumerate(entries) if axis is not None
+    ]
 
 
 def _constant_factor(node: gs.Node, operand: gs.Tensor) -> int | None:
@@ -1295,45 +1434,6 @@ def _constant_factor(node: gs.Node, operand: gs.Tensor) -> int | None:
     if not np.issubdtype(np.asarray(value).dtype, np.integer) or value < 1:
         return None
     return int(value)
-
-
-def _shape_vector_targets(
-    vector: gs.Tensor, picked: list[int], offset: int, scale: int
-) -> list[Coupling] | None:
-    """Follow a 1-D shape vector to the Reshape/Expand targets it becomes. torch's legacy
-    expand export passes it through Where(Equal(v, -1), ones, v), which keeps real sizes."""
-    found: list[Coupling] = []
-    for user in vector.outputs:
-        if user.op in ("Reshape", "Expand") and user.inputs[1] is vector:
-            more = _target_positions(user, picked, offset, scale)
-        elif user.op == "Equal":
-            continue  # only decides where -1 placeholders are
-        elif (user.op == "Where" and user.inputs[2] is vector) or (
-            user.op == "Reshape"  # a reshape of the vector to its own length
-            and user.inputs[0] is vector
-            and user.outputs[0].shape is not None
-            and list(user.outputs[0].shape) == list(vector.shape or [])
-        ):
-            more = _shape_vector_targets(user.outputs[0], picked, offset, scale)
-        else:
-            return None
-        if more is None:
-            return None
-        found.extend(more)
-    return found
-
-
-def _target_positions(
-    node: gs.Node, picked: list[int], offset: int, scale: int
-) -> list[Coupling] | None:
-    output = node.outputs[0]
-    if output.shape is None or node.inputs[1].shape is None:
-        return None
-    target_length = node.inputs[1].shape[0]
-    if not isinstance(target_length, int):
-        return None
-    shift = len(output.shape) - target_length  # Expand aligns its target to the right
-    return [(axis, output.name, offset + k + shift, scale) for k, axis in enumerate(picked)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,3 +164,36 @@ def test_handmade_graphs(name):
         assert [(g.channels, g.granularity) for g in analysis.prunable] == [(4, 4)]
     if name not in NOT_RUNNABLE_IN_ORT:
         check_groups(model, analysis, limit=4)
+
+
+def _signature(analysis) -> list[tuple]:
+    """The groups that hold weights (the converter adds constant operands, axes, of its own)."""
+    return [
+        (g.channels, g.granularity, g.prunable, sorted((m.tensor, m.axis) for m in g.members))
+        for g in analysis.groups
+        if g.weight_members
+    ]
+
+
+# The IR version ONNX pairs with each opset (onnx.helper.VERSION_TABLE).
+IR_FOR_OPSET = {22: 10, 23: 11}
+
+
+@pytest.mark.parametrize("opset", sorted(IR_FOR_OPSET))
+@pytest.mark.parametrize("name", sorted(HANDMADE))
+def test_handmade_graphs_at_opsets_22_and_23(name, opset):
+    """Each hand-built graph converted to opset 22/23 by ONNX's version converter gives the
+    analysis it gives at its own opset, and its prunable groups pass the oracle."""
+    import onnx
+    from onnx import version_converter
+
+    original = HANDMADE[name]()
+    converted = version_converter.convert_version(original, opset)
+    converted.ir_version = max(converted.ir_version, IR_FOR_OPSET[opset])
+    onnx.checker.check_model(converted, full_check=True)
+    assert converted.opset_import[0].version == opset
+    model = spa_compiler.from_proto(converted)
+    analysis = spa_compiler.inspect(model)
+    assert _signature(analysis) == _signature(spa_compiler.inspect(original))
+    if name not in NOT_RUNNABLE_IN_ORT:
+        check_groups(model, analysis, limit=4)

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from builder import GraphBuilder
 from onnx import helper, numpy_helper
+from oracle import compile_check
 
 import spa_compiler
 
@@ -63,7 +64,9 @@ def assert_bad_input(path: pathlib.Path, *fragments: str) -> None:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
-@pytest.mark.parametrize(("opset", "ir_version"), [(11, 7), (13, 7), (17, 8), (21, 10)])
+@pytest.mark.parametrize(
+    ("opset", "ir_version"), [(11, 7), (13, 7), (17, 8), (21, 10), (22, 10), (23, 11)]
+)
 def test_opsets_and_ir_versions(tmp_path, opset, ir_version):
     path = tmp_path / "m.onnx"
     onnx.save(small_model(opset, ir_version), path)
@@ -115,6 +118,99 @@ def test_input_file_is_never_modified(tmp_path):
     assert "prunable" in result.stdout
 
 
+def _declare(proto: onnx.ModelProto, name: str, shape: list | None) -> None:
+    value = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+    proto.graph.value_info.append(value)
+
+
+def _shapes(model, *names: str) -> list:
+    tensors = model.graph.tensors()
+    return [list(tensors[name].shape) for name in names]
+
+
+def test_declared_shapes_that_inference_contradicts_are_replaced():
+    """Declared intermediate shapes are claims: a wrong rank or a wrong number is replaced by
+    what ONNX's inference computes without them (with a warning); a shape only named
+    differently stays."""
+    proto = small_model()
+    relu1, relu2 = proto.graph.node[1].output[0], proto.graph.node[3].output[0]
+    _declare(proto, proto.graph.node[0].output[0], ["N", 8, 8, 8])  # right
+    _declare(proto, relu1, ["N", 8, 8, 8, 1])  # wrong rank
+    _declare(proto, relu2, ["N", 8, 8, 3])  # one dim wrong
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="2 declared shape"):
+        model = spa_compiler.from_proto(proto)
+    assert _shapes(model, relu1, relu2) == [["N", 8, 8, 8], ["N", 8, 8, 8]]
+    assert [g.channels for g in spa_compiler.inspect(model).prunable] == [8, 8]
+
+
+def test_replaced_declaration_is_one_warning_line(tmp_path):
+    proto = small_model()
+    _declare(proto, proto.graph.node[1].output[0], ["N", 8, 8, 3])
+    path = tmp_path / "stale.onnx"
+    onnx.save(proto, path)
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("spa: warning: 1 declared shape(s) contradict")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_declared_shapes_inference_cannot_reach_are_kept():
+    """After an op ONNX's inference does not know, the declared shape is all spa has."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.op("Relu", [b.conv(x, 3, 8, name="c1")])
+    mystery = b.op("Mystery", [h], name="mystery")
+    b.nodes[-1].domain = "custom.domain"
+    b.output(b.conv(b.op("Relu", [mystery]), 8, 4, name="c2"), shape=["N", 4, 8, 8])
+    graph = helper.make_graph(b.nodes, "g", b.inputs, b.outputs, b.inits)
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.domain", 1)],
+        ir_version=8,
+    )
+    _declare(proto, mystery, ["N", 8, 8, 8])
+    model = spa_compiler.from_proto(proto)
+    assert _shapes(model, mystery) == [["N", 8, 8, 8]]
+
+
+def _minus_one_batch() -> onnx.ModelProto:
+    """small_model with its batch declared as dim_value -1, in the input and the output, as
+    old paddle2onnx writes it."""
+    proto = small_model()
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    return proto
+
+
+def test_dimension_minus_one_is_read_as_dynamic(tmp_path):
+    proto = _minus_one_batch()
+    before = proto.SerializeToString()
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="declares dimension -1"):
+        analysis = spa_compiler.inspect(proto)
+    assert structure(analysis) == structure(spa_compiler.inspect(small_model()))
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="declares dimension -1"):
+        assert compile_check(proto, 0.5, 0) <= 1e-4
+    assert proto.SerializeToString() == before  # the caller's proto is left as it is
+    path = tmp_path / "minus_one.onnx"
+    onnx.save(proto, path)
+    result = run_cli("compile", str(path), "--ratio", "0.5", "-o", str(tmp_path / "out.onnx"))
+    assert result.returncode == 0, result.stderr
+    warning = "input 'x' axis 0 (and 1 more) declares dimension -1: read as a dynamic dimension"
+    assert [line for line in result.stderr.splitlines() if "-1" in line] == [
+        f"spa: warning: {path}: {warning}, as onnxruntime does"
+    ]
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "x_dynamic_0"
+
+
+def test_other_negative_input_dimensions_are_refused(tmp_path):
+    proto = small_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -2
+    path = tmp_path / "minus_two.onnx"
+    onnx.save(proto, path)
+    assert_bad_input(path, "input 'x' declares a negative dimension")
+
+
 def test_missing_file(tmp_path):
     assert_bad_input(tmp_path / "nope.onnx", "no such file")
 
@@ -146,7 +242,10 @@ def test_unsupported_opset(tmp_path):
     proto.opset_import[0].version = 7
     path = tmp_path / "old.onnx"
     path.write_bytes(proto.SerializeToString())
-    assert_bad_input(path, "opset 7 is not supported")
+    assert_bad_input(path, "opset 7 is not supported (supported: 11-23)")
+    proto.opset_import[0].version = 24
+    path.write_bytes(proto.SerializeToString())
+    assert_bad_input(path, "opset 24 is not supported (supported: 11-23)")
 
 
 def _with_external(

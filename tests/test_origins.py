@@ -35,7 +35,7 @@ from oracle import (
 )
 
 import spa_compiler
-from spa_compiler.errors import BadInputError
+from spa_compiler.errors import SpaWarning
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 MAX_BYTES = 200_000
@@ -50,26 +50,20 @@ FILES: dict[str, tuple[list[int], list[str]]] = {
     "tensorflow/keras_resnet_cnn.onnx": ([8, 8, 16, 32], ["Softmax axis"]),
     # BN after the ReLU stays as Mul+Add, coupled with its conv's output
     "tensorflow/keras_bn_after_relu.onnx": ([8, 12, 16], []),
-    # Follow-up: Flatten's target is Concat(Shape(x)[0:1], [192]), 192 = 4*4*12 a constant;
-    # spa reads the Shape as reading the 12 channels and cannot rewrite the 192.
-    "tensorflow/keras_flatten_cnn.onnx": (
-        [8, 24],
-        [
-            "its size is read by a Shape computation",
-            "Reshape target computed at run time in a form spa cannot rewrite",
-        ],
-    ),
+    # Flatten's target is Cast(Concat(Gather(Shape(x), NHWC order)[0:1], [192])), 192 =
+    # 4*4*12 a constant: only the batch size is read, and the 192 is rewritten
+    "tensorflow/keras_flatten_cnn.onnx": ([8, 12, 24], []),
     # BatchNormalization on 2-D data is Mul+Add after the MatMul+Add
     "tensorflow/keras_dense_mlp.onnx": ([16, 32], []),
     "jax/flax_mlp.onnx": ([16, 32], []),
+    # the same MLP at jax2onnx's default opset, 23
+    "jax/flax_mlp_opset23.onnx": ([16, 32], []),
     "jax/jax_function_mlp.onnx": ([16, 32], []),
-    # Follow-up: jax2onnx 0.17.1 writes the NHWC value_info of the Flax graph for tensors it
-    # has turned NCHW (relu_out_0 declared [B, 16, 16, 8], really [B, 8, 16, 16]); spa takes
-    # the declared shapes and blocks the 8-channel residual trunk. Only the strided conv
-    # (16) is left; see test_jax2onnx_stale_value_info for the same file without them.
-    "jax/flax_resnet_cnn.onnx": ([16], ["maps axes of different sizes"]),
-    # Follow-up: the flatten is Reshape(x, Concat(Shape(x)[0], [192])), as tf2onnx's
-    "jax/flax_flatten_cnn.onnx": ([8, 24], ["its size is read by a Shape computation"]),
+    # the 8-channel residual trunk and the strided conv (16); jax2onnx 0.17.1 declares NHWC
+    # shapes for tensors it has made NCHW, which spa replaces (test_jax2onnx_stale_value_info)
+    "jax/flax_resnet_cnn.onnx": ([8, 16], []),
+    # the flatten is Reshape(x, Concat(Unsqueeze(Squeeze(Shape(x)[0])), [192])), as tf2onnx's
+    "jax/flax_flatten_cnn.onnx": ([8, 12, 24], []),
     # trunk 8 with the depthwise conv, inner conv 8, pointwise 16 (BN + hardswish), Linear 32
     "paddle/paddle_resnet_cnn.onnx": ([8, 8, 16, 32], []),
     # Paddle's flatten is Reshape(x, Concat(Shape(x)[0:1], [-1])): the 12 channels prune
@@ -134,7 +128,7 @@ def _check_analysis(model, expected: list[int], words: list[str]) -> None:
 
 def test_checked_in_files_are_listed_small_and_from_their_converter():
     found = {str(p.relative_to(DATA)) for p in DATA.glob("*/*.onnx")}
-    assert found == set(FILES) | {"jax/flax_mlp_opset23.onnx"}
+    assert found == set(FILES)
     for name in found:
         path = DATA / name
         assert path.stat().st_size < MAX_BYTES, name
@@ -165,25 +159,33 @@ def test_origin_compile(name, criterion, ratio):
 
 def test_jax2onnx_stale_value_info():
     """The flax_resnet_cnn file as jax2onnx wrote it fails the full ONNX checker: its value_info
-    still has the NHWC shapes of tensors the converter made NCHW. Without them, spa finds the
-    trunk (8, across the residual add) and the strided conv (16), and prunes them exactly."""
+    still has the NHWC shapes of tensors the converter made NCHW. spa replaces the declared
+    shapes that ONNX's inference contradicts, with a warning, and analyses the file as it does
+    the same file without value_info: the trunk (8, across the residual add) and the strided
+    conv (16)."""
     proto = onnx.load(str(DATA / "jax/flax_resnet_cnn.onnx"))
     with pytest.raises(onnx.shape_inference.InferenceError, match="existing shape differ"):
         onnx.checker.check_model(proto, full_check=True)
     declared = {v.name: v for v in proto.graph.value_info}
     shape = [d.dim_value or d.dim_param for d in declared["relu_out_0"].type.tensor_type.shape.dim]
     assert shape == ["B", 16, 16, 8]  # really (B, 8, 16, 16): it feeds an NCHW Conv
+    stale = r"'relu_out_0' declared \['B', 16, 16, 8\], inferred \['B', 8, 16, 16\]"
+    with pytest.warns(SpaWarning, match=stale):
+        model = spa_compiler.load(DATA / "jax/flax_resnet_cnn.onnx")
+    assert list(model.graph.tensors()["relu_out_0"].shape) == ["B", 8, 16, 16]
+    _check_analysis(model, [8, 16], [])
     del proto.graph.value_info[:]
     onnx.checker.check_model(proto, full_check=True)
     _check_analysis(proto, [8, 16], [])
-    for criterion, ratio in COMPILES:
-        _check_compile(proto, proto, criterion, ratio)
 
 
-def test_jax2onnx_default_opset_is_refused():
-    """jax2onnx writes opset 23 unless told otherwise; spa reads 11-21 and says so."""
-    with pytest.raises(BadInputError, match="opset 23 is not supported"):
-        spa_compiler.load(DATA / "jax/flax_mlp_opset23.onnx")
+def test_jax2onnx_default_opset_is_read():
+    """jax2onnx writes opset 23 unless told otherwise; spa reads opsets 11-23."""
+    proto = onnx.load(str(DATA / "jax/flax_mlp_opset23.onnx"))
+    assert proto.opset_import[0].version == 23
+    opset21 = spa_compiler.inspect(DATA / "jax/flax_mlp.onnx")
+    opset23 = spa_compiler.inspect(DATA / "jax/flax_mlp_opset23.onnx")
+    assert [g.channels for g in opset23.groups] == [g.channels for g in opset21.groups]
 
 
 # --------------------------------------------------------------------------- scikit-learn, live

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from builder import GraphBuilder
-from onnx import TensorProto
-from oracle import check_groups
+from onnx import TensorProto, numpy_helper
+from oracle import check_groups, compile_check
 
 import spa_compiler
 from spa_compiler.analysis import Analysis
@@ -326,3 +326,108 @@ def test_shape_read_blocks_axis():
     b.output(b.conv(y, 8, 2, name="c2"))
     _, analysis = analyze(b)
     assert any("Shape" in r for r in group_of(analysis, "c1.weight", 0).blocked_reasons)
+
+
+def _flatten_cnn(batch_read) -> GraphBuilder:
+    """conv(3->12) -> Relu -> NHWC Transpose -> Reshape(·, target) -> MatMul(192->5), the
+    target built by ``batch_read(b, relu)`` around the constant 4*4*12 = 192."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    relu = b.op("Relu", [b.conv(x, 3, 12, name="c1")])
+    nhwc = b.op("Transpose", [relu], perm=[0, 2, 3, 1])
+    flat = b.op("Reshape", [nhwc, batch_read(b, relu)])
+    b.output(b.op("MatMul", [flat, b.weight("dense", [192, 5])]))
+    return b
+
+
+def _tf2onnx_target(b: GraphBuilder, relu: str) -> str:
+    """tf2onnx: Cast(Concat(Slice(Cast(Gather(Shape(x), nhwc order), int32), 0, 1), [192]))."""
+    nhwc_shape = b.op("Gather", [b.op("Shape", [relu]), b.const("order", np.array([0, 2, 3, 1]))])
+    as_int32 = b.op("Cast", [nhwc_shape], to=TensorProto.INT32)
+    zero, one = b.const("zero", np.array([0])), b.const("one", np.array([1]))
+    batch = b.op("Slice", [as_int32, zero, one, zero])
+    target = b.op("Concat", [batch, b.const("rest", np.array([192], np.int32))], axis=0)
+    return b.op("Cast", [target], to=TensorProto.INT64)
+
+
+def _jax2onnx_target(b: GraphBuilder, relu: str) -> str:
+    """jax2onnx: Concat(Unsqueeze(Squeeze(Gather(Shape(x), [0]))), [192])."""
+    picked = b.op("Gather", [b.op("Shape", [relu]), b.const("first", np.array([0]))], axis=0)
+    scalar = b.op("Squeeze", [picked, b.const("sq_axes", np.array([0]))])
+    vector = b.op("Unsqueeze", [scalar, b.const("unsq_axes", np.array([0]))])
+    return b.op("Concat", [vector, b.const("rest", np.array([192]))], axis=0)
+
+
+@pytest.mark.parametrize("target", [_tf2onnx_target, _jax2onnx_target], ids=["tf2onnx", "jax"])
+def test_flatten_with_batch_read_and_constant_size_prunes(target):
+    """Only the batch entry of the Shape is read; the flattened size is a constant that the
+    rewrite updates (192 -> 16 * kept channels)."""
+    b = _flatten_cnn(target)
+    model, analysis = analyze(b)
+    group = group_of(analysis, "c1.weight", 0)
+    assert group.prunable, group.blocked_reasons
+    assert group.channels == 12 and names(group.consumers) == {("dense", 0)}
+    assert check_groups(model, analysis) == 1
+    proto = b.model()
+    assert compile_check(proto, 0.5, 0) <= 1e-4
+    pruned, _ = spa_compiler.compile(proto, ratio=0.5, criterion="l1", round_to=1)
+    constants = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert [v for k, v in constants.items() if k.startswith("rest")] == [[96]]
+
+
+def _channel_entry_read(b: GraphBuilder, relu: str, use: str) -> str:
+    """Concat(Shape(x)[0:1], [192]) as target; Shape(x)[0:2] (the batch and channel sizes:
+    with the batch symbolic, constant folding leaves it) goes to ``use`` as well."""
+    shape = b.op("Shape", [relu])
+    zero, one, two = (b.const(n, np.array([v])) for n, v in (("zero", 0), ("one", 1), ("two", 2)))
+    sizes = b.op("Slice", [shape, zero, two, zero])
+    if use == "output":
+        b.output(sizes, TensorProto.INT64)
+    elif use == "float":
+        b.output(b.op("Cast", [sizes], to=TensorProto.FLOAT))
+    elif use == "add":
+        b.output(b.op("Add", [sizes, one]), TensorProto.INT64)
+    batch = b.op("Slice", [shape, zero, one, zero])
+    return b.op("Concat", [batch, b.const("rest", np.array([192]))], axis=0)
+
+
+@pytest.mark.parametrize("use", ["output", "float", "add"])
+def test_shape_entry_of_the_channels_read_elsewhere_blocks(use):
+    b = _flatten_cnn(lambda b, relu: _channel_entry_read(b, relu, use))
+    _, analysis = analyze(b)
+    group = group_of(analysis, "c1.weight", 0)
+    assert not group.prunable
+    assert any("its size is read by a Shape computation" in r for r in group.blocked_reasons)
+
+
+def test_run_time_target_entry_spa_cannot_follow_blocks_its_axis():
+    """A target entry computed from read sizes by arithmetic (N*C*H*W / N) blocks the axes
+    read, and its position of the output."""
+
+    def target(b: GraphBuilder, relu: str) -> str:
+        shape = b.op("Shape", [relu])
+        batch = b.op("Slice", [shape, b.const("zero", np.array([0])), b.const("one", [1])])
+        rest = b.op("Div", [b.op("ReduceProd", [shape], keepdims=1), batch])
+        return b.op("Concat", [batch, rest], axis=0)
+
+    _, analysis = analyze(_flatten_cnn(target))
+    group = group_of(analysis, "c1.weight", 0)
+    assert not group.prunable
+    reasons = " ".join(group.blocked_reasons)
+    assert "[axis 1]: Shape 'shape5': its size is read by a Shape computation" in reasons
+    assert "[axis 1]: Reshape 'reshape10': size set at run time by a computation spa" in reasons
+
+
+def test_where_that_is_not_a_placeholder_test_blocks():
+    """torch's Where(Equal(v, -1), ones, v) keeps the sizes; a Where on another condition may
+    replace them, so the sizes it reads block."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    relu = b.op("Relu", [b.conv(x, 3, 12, name="c1")])
+    keep = b.const("keep", np.array([True, False, True, True]))
+    target = b.op("Where", [keep, b.const("ones", np.ones(4, np.int64)), b.op("Shape", [relu])])
+    b.output(b.conv(b.op("Expand", [b.weight("bias", [1, 1, 4, 4]), target]), 12, 2))
+    _, analysis = analyze(b)
+    group = group_of(analysis, "c1.weight", 0)
+    assert not group.prunable
+    assert any("its size is read by a Shape computation" in r for r in group.blocked_reasons)

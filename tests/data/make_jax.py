@@ -9,10 +9,10 @@ too heavy for CI, so tests/test_origins.py runs on these files, made once with:
     python tests/data/make_jax.py
 
 Each model is exported with jax2onnx's defaults (a symbolic batch "B"), but at opset 21, the
-newest spa reads (jax2onnx's default is 23: flax_mlp_opset23.onnx is that, for the test that
-spa refuses it), and checked against JAX in onnxruntime. Weights are Flax's seeded
-initializers, plus random BatchNorm statistics and biases (Flax starts them at zero, and
-equal constants could be shared).
+newest spa read when they were made (jax2onnx's default is 23: flax_mlp_opset23.onnx is that;
+spa reads it since it supports opset 23), and checked against JAX in onnxruntime. Weights are
+Flax's seeded initializers, plus random BatchNorm statistics and biases (Flax starts them at
+zero, and equal constants could be shared).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from flax import nnx
 from jax2onnx import to_onnx
 
 OUT = pathlib.Path(__file__).resolve().parent / "jax"
-# jax2onnx's default is opset 23; spa reads opsets 11-21 (flax_mlp_opset23 shows the refusal)
+# jax2onnx's default is opset 23; spa read opsets 11-21 when these were made (flax_mlp_opset23
+# is the default's file)
 OPSET = 21
 
 
