@@ -888,6 +888,11 @@ def concat_behind(vector: gs.Tensor) -> gs.Node | None:
         if node.op == "Concat":
             return node
         if node.op == "Where" and len(node.inputs) == 3:
+            # Only torch's placeholder test keeps every size of v: under another condition a
+            # position may come from the other branch, which a rewrite of v would not reach.
+            test = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+            if test is None or not _compared_with_negatives(test, node.inputs[2]):
+                return None
             vector = node.inputs[2]
             continue
         keeps = (node.op == "Reshape" and node.inputs[0].shape == vector.shape) or (

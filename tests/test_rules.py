@@ -375,6 +375,22 @@ def test_flatten_with_batch_read_and_constant_size_prunes(target):
     assert [v for k, v in constants.items() if k.startswith("rest")] == [[96]]
 
 
+def test_flatten_target_behind_a_where_on_another_condition_blocks():
+    """Where(keep, [N, 192], Concat(batch, [192])): the constant the rewrite would update sits
+    in one branch, but a run-time-looking condition may pick the other, so the target's
+    flattened axis is not rewritable and the channels block."""
+
+    def target(b: GraphBuilder, relu: str) -> str:
+        batch = b.op("Slice", [b.op("Shape", [relu]), b.const("zero", np.array([0])),
+                               b.const("one", np.array([1]))])  # fmt: skip
+        built = b.op("Concat", [batch, b.const("rest", np.array([192]))], axis=0)
+        keep = b.const("keep", np.array([True, False]))
+        return b.op("Where", [keep, b.const("stale", np.array([-1, 192])), built])
+
+    _, analysis = analyze(_flatten_cnn(target))
+    assert not group_of(analysis, "c1.weight", 0).prunable
+
+
 def _channel_entry_read(b: GraphBuilder, relu: str, use: str) -> str:
     """Concat(Shape(x)[0:1], [192]) as target; Shape(x)[0:2] (the batch and channel sizes:
     with the batch symbolic, constant folding leaves it) goes to ``use`` as well."""
