@@ -53,6 +53,35 @@ def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     )
 
 
+def train(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> nn.Module:
+    """AdamW on shuffled batches of 64 (the shuffle seeded by ``seed``); returns ``model``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    inputs, targets = torch.from_numpy(images), torch.from_numpy(labels).long()
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(inputs), generator=generator).split(64):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images)).argmax(1).numpy()
+    return float((predicted == labels).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent)
@@ -61,21 +90,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     x_train, x_test, y_train, y_test = data()
-    model = DigitsCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    inputs, labels = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
-    for _ in range(args.epochs):
-        model.train()
-        for batch in torch.randperm(len(inputs), generator=generator).split(64):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        predicted = model(torch.from_numpy(x_test)).argmax(1).numpy()
-    accuracy = float((predicted == y_test).mean())
+    model = train(DigitsCNN(), x_train, y_train, args.epochs)
+    held_out = accuracy(model, x_test, y_test)
     path = args.out / "digits_cnn.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -89,7 +105,7 @@ def main() -> None:
             output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
-    print(json.dumps({"model": str(path), "test_accuracy": accuracy, "test_images": len(y_test)}))
+    print(json.dumps({"model": str(path), "test_accuracy": held_out, "test_images": len(y_test)}))
 
 
 if __name__ == "__main__":

@@ -148,32 +148,33 @@ EXIT_NOTHING_TO_PRUNE = 3
 )
 @click.option(
     "--criterion",
-    type=click.Choice(["l1", "l2", "random", "bn-scale", "obspa"]),
+    type=click.Choice(["l1", "l2", "random", "bn-scale", "obspa", "snip"]),  # criteria.CRITERIA
     default="obspa",
     show_default=True,
     help="Channel importance criterion (obspa: Optimal-Brain-Surgeon error of the consumers, "
-    "which are then refitted on the kept channels).",
+    "which are then refitted on the kept channels; random and snip need no trained weights: "
+    "snip is a label-free SNIP saliency on synthetic inputs, for pruning before training).",
 )
 @click.option(
     "--moments",
     type=click.Choice(["synthetic", "model"]),
     default="synthetic",
     show_default=True,
-    help="obspa without --calib: second moments from synthetic inputs run through "
+    help="obspa and snip without --calib: second moments from synthetic inputs run through "
     "onnxruntime, or read off the model's parameters.",
 )
 @click.option(
     "--calib",
     "calibration",
     type=click.Path(dir_okay=False, path_type=str),
-    help="An .npz of real inputs (one array per graph input, samples first) for obspa's "
-    "second moments.",
+    help="An .npz of real inputs (one array per graph input, samples first) for the second "
+    "moments of obspa and snip.",
 )
 @click.option(
     "--input-range",
     metavar="LOW,HIGH",
     help="Where the model's float inputs live (e.g. 0,1 for pixels scaled to [0, 1]), for "
-    "obspa's synthetic or model moments; default: standardized (mean 0, variance 1).",
+    "the synthetic or model moments (obspa, snip); default: standardized (mean 0, variance 1).",
 )
 @click.option(
     "--compensate/--no-compensate",
@@ -215,7 +216,14 @@ EXIT_NOTHING_TO_PRUNE = 3
     metavar="PATTERN",
     help="Protect groups touching tensors or nodes matching this glob (repeatable).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for --criterion random and for synthetic inputs (obspa, snip): the same seed "
+    "gives the same plan.",
+)
 @click.option(
     "--plan",
     "plan_path",

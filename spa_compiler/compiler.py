@@ -370,6 +370,10 @@ def compile(
     channels. ``normalization`` defaults to "mean", and to "none" for obspa, whose scores are
     relative output errors already. ``input_range`` (low, high) says where the model's
     float inputs live, for synthetic and model moments (default: standardized).
+    ``criterion="snip"`` scores channels by a label-free, layer-local SNIP saliency under the
+    same moments (``criteria.snip_scores``); it needs no trained weights (prune before
+    training) and does not compensate unless asked. ``seed`` seeds ``random`` scores and the
+    synthetic inputs: the same seed gives the same plan.
 
     ``nm=(N, M)`` then makes every eligible Conv/Gemm/MatMul weight N:M sparse along its
     reduction axis (after the structured pruning), by SparseGPT-style OBS under the layer
@@ -414,14 +418,21 @@ def compile(
             # channel counts that stay multiples of M keep every reduction N:M-eligible
             align = int(nm[1])
         compensate = uses_obs if compensate is None else compensate and removes
+        # snip scores from the same moments; it refits nothing unless asked (before training
+        # there is nothing to preserve)
+        scores_need_moments = plan is None and criterion == "snip" and removes
         if normalization is None:
             normalization = "none" if criterion == "obspa" else "mean"
         statistics: dict[str, Any] = {}
         context = None
         warnings: list[str] = []
-        if calibration is not None and not (uses_obs or compensate) and nm is None:
-            warnings.append("--calib is used by obspa and by compensation only: ignored")
-        if uses_obs or compensate:
+        if (
+            calibration is not None
+            and not (uses_obs or compensate or scores_need_moments)
+            and nm is None
+        ):
+            warnings.append("--calib is used by obspa, snip and by compensation only: ignored")
+        if uses_obs or compensate or scores_need_moments:
             estimated = run_passes(
                 loaded,
                 [EstimateMoments(analysis, original, moments, calibration, seed, input_range)],

@@ -3,6 +3,9 @@
 Scores are computed per member weight (the rows a producer writes, the columns a consumer
 reads), aggregated over the group's members (sum, mean or max) and normalised by the group's
 mean, so groups of different sizes can be ranked together.
+
+Criteria that need no trained weights, for pruning before training: ``random`` (seeded by
+``--seed`` and the group id) and ``snip`` (gradient saliency on synthetic inputs, also seeded).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from spa_compiler.errors import BadInputError
 from spa_compiler.linear_layers import LayerIndex, LinearLayer
 from spa_compiler.obs import Moments
 
-CRITERIA = ("l1", "l2", "random", "bn-scale", "obspa")
+CRITERIA = ("l1", "l2", "random", "bn-scale", "obspa", "snip")
+# Criteria whose scores need the second moments of the consumers' inputs (an ObsContext).
+MOMENT_CRITERIA = ("obspa", "snip")
 AGGREGATIONS = ("sum", "mean", "max")
 NORMALIZATIONS = ("mean", "max", "sum", "none")
 
@@ -128,6 +133,51 @@ def _obspa_scores(group: Group, context: ObsContext) -> np.ndarray:
     return scores
 
 
+def _second_moment_times(rows: np.ndarray, stats: Moments | None, features: int) -> np.ndarray:
+    """``rows`` @ E[x xᵀ] (undamped: this is a derivative, not an inverse); ``rows`` itself
+    (H = I) where the activation's moments are unknown. Wider than ``obs.BLOCK`` features,
+    ``Moments`` holds H's diagonal blocks only (cross-block terms dropped, as for OBSPA)."""
+    if stats is None or stats.features != features or not stats.usable:
+        return rows
+    stats.settle()
+    product = np.empty_like(rows)
+    for start in range(0, features, obs.BLOCK):  # one float64 block of H at a time
+        block = slice(start, min(features, start + obs.BLOCK))
+        product[:, block] = rows[:, block] @ stats.sum_outer[block, block].astype(np.float64)
+    return product / max(stats.count, 1)
+
+
+def snip_scores(group: Group, context: ObsContext) -> np.ndarray:
+    """SNIP-style connection sensitivity of the group's channel masks, label-free and
+    layer-local; needs no trained weights.
+
+    Each linear consumer y = W x of the group (Conv rows per kernel position, as in ``obs``)
+    gets the loss L = ½ E‖W x‖² over the synthetic (or --calib) inputs whose second moment
+    H = E[x xᵀ] spa collected. A mask m_c on channel c scales its input features, and
+    m_c · ∂L/∂m_c at m = 1 is E[x_c · (Wᵀ W x)_c] = (Wᵀ W H)_cc = Σ_r W_rc (W H)_rc — the
+    first-order change of L when the channel's mask goes from 1 to 0, exact because L is
+    quadratic in x (no autodiff needed). A channel sums this over the features it owns and
+    over the group's consumers (one mask gates them all), and scores its absolute value, as
+    SNIP scores |m · ∂L/∂m|. It is not SNIP's task loss: no labels, and each consumer's own
+    output stands for the network's. Groups without a linear consumer (read only by a
+    depthwise conv, say) fall back to the L2 norm of their weights."""
+    total = np.zeros(group.channels)
+    found = False
+    for member in group.consumers:
+        layer = context.layers.find(member)
+        if layer is None:
+            continue
+        found = True
+        rows = layer.rows()
+        stats = context.moments.get(layer.activation.name)
+        gradient = _second_moment_times(rows, stats, layer.features)  # ∂L/∂W = W H
+        per_feature = np.einsum("rn,rn->n", rows, gradient)
+        total += per_feature[member.indices].sum(axis=1)
+    if not found:
+        return score_group(group, context.layers.graph, "l2", "sum", 0, "none")
+    return np.abs(total)
+
+
 def score_group(
     group: Group,
     graph: gs.Graph,
@@ -140,7 +190,8 @@ def score_group(
     """One importance score per channel of ``group``, divided by the group's mean, max or sum
     (``normalization``) so that groups compare under global ranking. ``obspa`` needs the
     ``context`` of second moments and gives relative errors, already comparable: it is not
-    normalized."""
+    normalized. ``snip`` needs the ``context`` too; its scores are normalized like the
+    magnitude criteria's."""
     if criterion not in CRITERIA:
         raise BadInputError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
     if aggregation not in AGGREGATIONS:
@@ -153,6 +204,10 @@ def score_group(
         if context is None:
             raise BadInputError("obspa scores need second moments (an ObsContext)")
         return obspa_scores(group, context)
+    if criterion == "snip":
+        if context is None:
+            raise BadInputError("snip scores need second moments (an ObsContext)")
+        return _normalize(snip_scores(group, context), normalization)
     tensors = graph.tensors()
     rows: list[np.ndarray] = []
     if criterion == "bn-scale":
@@ -170,7 +225,12 @@ def score_group(
         return np.ones(group.channels)
     table = np.stack(rows)
     combined = {"sum": table.sum, "mean": table.mean, "max": table.max}[aggregation](axis=0)
+    return _normalize(combined, normalization)
+
+
+def _normalize(scores: np.ndarray, normalization: str) -> np.ndarray:
+    """Scores divided by their mean, max or sum, so that groups compare under global ranking."""
     if normalization == "none":
-        return combined
-    scale = {"mean": combined.mean, "max": combined.max, "sum": combined.sum}[normalization]()
-    return combined / scale if scale > 0 else combined
+        return scores
+    scale = {"mean": scores.mean, "max": scores.max, "sum": scores.sum}[normalization]()
+    return scores / scale if scale > 0 else scores

@@ -101,7 +101,7 @@ def test_exclude_protects_groups():
     assert kept_whole and all(len(g.keep) == 64 for g in kept_whole)
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "bn-scale"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "bn-scale", "snip"])
 def test_criteria_give_valid_models(criterion):
     pruned, _ = spa_compiler.compile(
         f"{MODELS}/mobilenet_tiny.onnx", ratio=0.4, criterion=criterion
