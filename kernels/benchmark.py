@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from spa_compiler.errors import PLOT_NEEDS_MATPLOTLIB, BadInputError
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = ("cublas", "triton_dense", "triton_nm", "expand_cublas", "torch_2_4")
 
@@ -438,7 +440,10 @@ def table(data: dict[str, Any]) -> str:
 
 def plot(data: dict[str, Any]) -> bytes:
     """Speed-up over cuBLAS against M, per K = N, with the fp16 2:4 memory-bound limit 16/9."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise BadInputError(PLOT_NEEDS_MATPLOTLIB) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,6 +5,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+PLOT_NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install 'spa-compiler[plot]'"
 
 
 class SpaError(Exception):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spa_compiler.errors import BadInputError
+from spa_compiler.errors import PLOT_NEEDS_MATPLOTLIB, BadInputError
 
 SEQUENCE = 128  # symbolic non-batch dims (sequence length, free image sides)
 
@@ -91,7 +91,10 @@ class BenchResult:
         gap made visible."""
         import io
 
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            raise BadInputError(PLOT_NEEDS_MATPLOTLIB) from None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
