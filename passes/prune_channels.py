@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from spa_compiler.channel_graph import Group
 from spa_compiler.errors import PassError
 from spa_compiler.ir import Model
-from spa_compiler.op_rules import concat_behind
+from spa_compiler.op_rules import concat_behind, slice_positions
 from spa_compiler.pipeline import Pass, PassResult
 from spa_compiler.plan import Plan, removed_indices
 
@@ -235,11 +235,13 @@ class _Rewriter:
             if not (self.changed(x, axis) or self.changed(out, axis)):
                 continue
             size = int(self.old_dim(x, axis))
-            selected = np.arange(size)[slice(int(starts[k]), int(ends[k]), int(steps[k]))]
+            selected = slice_positions(size, int(starts[k]), int(ends[k]), int(steps[k]))
             kept_in = self.kept_positions(x, axis, size)
             new_index = {int(p): i for i, p in enumerate(kept_in)}
             kept_out = self.kept_positions(out, axis, len(selected))
             chosen = [new_index[int(selected[j])] for j in kept_out]
+            if not chosen:
+                raise PassError(f"Slice '{node.name}': no kept channel left to slice")
             step = chosen[1] - chosen[0] if len(chosen) > 1 else 1
             if step == 0 or any(b - a != step for a, b in itertools.pairwise(chosen)):
                 raise PassError(f"Slice '{node.name}': the kept channels are not a slice")

@@ -729,6 +729,19 @@ def split(ctx: RuleContext) -> None:
     _stack_parts(ctx, x, ctx.outputs, axis, "Split into parts")
 
 
+def slice_positions(size: int, start: int, end: int, step: int) -> np.ndarray:
+    """The indices ONNX's Slice picks from an axis of ``size``. Not Python's slicing: with a
+    negative step ONNX clamps the start to [0, size-1] and the end to [-1, size-1], so a start
+    below -size still picks index 0 where Python's slice picks nothing."""
+    start = start + size if start < 0 else start
+    end = end + size if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), size), min(max(end, 0), size)
+    else:
+        start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+    return np.arange(start, end, step, dtype=np.int64)
+
+
 @rule("Slice")
 def slice_(ctx: RuleContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
@@ -770,8 +783,7 @@ def slice_(ctx: RuleContext) -> None:
             ctx.block(y, axis, "sliced axis of unknown size")
             continue
         start, end, step = sliced[axis]
-        start = max(min(start, np.iinfo(np.int64).max), np.iinfo(np.int64).min)
-        selected = np.arange(size)[slice(start, end, step)]
+        selected = slice_positions(size, start, end, step)
         ctx.link(y, axis, x, axis, np.arange(len(selected)), selected)
 
 
@@ -881,17 +893,29 @@ def concat_behind(vector: gs.Tensor) -> gs.Node | None:
     exporters put after it: a Cast to another integer type (tf2onnx), and torch's legacy
     expand export's Where(Equal(v, -1), ones, v) and Reshape of the vector to its own
     length."""
+    reader = None
     for _ in range(4):
         node = vector.inputs[0] if vector.inputs else None
         if node is None:
             return None
+        # The rewrite changes the Concat's constant entries in place: whatever else reads a
+        # vector on the way sees the new sizes, which only other reshape targets (analysed on
+        # their own) and placeholder tests (sizes stay positive) may.
+        if not all(
+            user is reader
+            or (user.op in ("Reshape", "Expand") and user.inputs[1:2] == [vector]
+                and user.inputs[0] is not vector)
+            or _compared_with_negatives(user, vector)
+            for user in vector.outputs
+        ):  # fmt: skip
+            return None
+        reader = node
         if node.op == "Concat":
             return node
         if node.op == "Where" and len(node.inputs) == 3:
             # Only torch's placeholder test keeps every size of v: under another condition a
             # position may come from the other branch, which a rewrite of v would not reach.
-            test = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-            if test is None or not _compared_with_negatives(test, node.inputs[2]):
+            if not _placeholder_where(node, node.inputs[2]):
                 return None
             vector = node.inputs[2]
             continue
@@ -1348,8 +1372,7 @@ def _moved_entries(
         return "ignored" if _compared_with_negatives(user, value) else None
     if op == "Where" and len(inputs) == 3 and inputs[2] is value and inputs[1] is not value:
         # torch's Where(Equal(v, -1), ones, v): v wherever v holds a size
-        test = inputs[0].inputs[0] if inputs[0].inputs else None
-        placeholders = test is not None and _compared_with_negatives(test, value)
+        placeholders = _placeholder_where(user, value)
         return (entries, False, scale) if placeholders and not scalar else None
     if op == "Cast" and first:
         integer = int(user.attrs.get("to", 0)) in _INTEGER_TYPES
@@ -1377,7 +1400,7 @@ def _moved_entries(
         step = int(bounds[3].reshape(-1)[0]) if len(bounds) > 3 else 1
         if axis not in (0, -1) or step == 0:
             return None
-        positions = np.arange(len(entries))[slice(start, stop, step)]
+        positions = slice_positions(len(entries), start, stop, step)
         return [entries[int(k)] for k in positions], False, scale
     if op == "Squeeze" and not scalar and len(entries) == 1:
         return entries, True, scale
@@ -1402,6 +1425,20 @@ def _moved_entries(
         if all(shape is not None and list(shape) == own for shape in shapes):
             return entries, False, scale
     return None
+
+
+def _placeholder_where(node: gs.Node, value: gs.Tensor) -> bool:
+    """Whether ``node`` is torch's Where(Equal(value, -1), ones, value): every size of value
+    passes, and only its placeholders become the constant 1."""
+    test = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    ones = _integer_constant(node.inputs[1])
+    return (
+        node.inputs[2] is value
+        and test is not None
+        and _compared_with_negatives(test, value)
+        and ones is not None
+        and bool(np.all(ones == 1))
+    )
 
 
 def _compared_with_negatives(node: gs.Node, value: gs.Tensor) -> bool:

@@ -4,6 +4,7 @@ exactness oracle on every prunable group."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from builder import GraphBuilder
 from onnx import TensorProto, numpy_helper
@@ -447,3 +448,67 @@ def test_where_that_is_not_a_placeholder_test_blocks():
     group = group_of(analysis, "c1.weight", 0)
     assert not group.prunable
     assert any("its size is read by a Shape computation" in r for r in group.blocked_reasons)
+
+
+# Found by an adversarial review: each built so that a wrong rule prunes and the output moves.
+
+
+def _negative_step_slice(b: GraphBuilder, data: str, start: int, end: int) -> str:
+    consts = [b.const(n, np.array([v])) for n, v in (("st", start), ("en", end), ("ax", 0))]
+    return b.op("Slice", [data, *consts, b.const("sp", np.array([-1]))])
+
+
+def test_shape_entry_slice_with_a_negative_step_follows_onnx_clamping():
+    """Slice(v, -10, -100, step -1) on a 2-vector picks entry 0 in ONNX (starts clamp to
+    [0, n-1]); Python's slicing picks nothing, which freed the channel entry."""
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    relu = b.op("Relu", [b.conv(x, 3, 12, name="c1")])
+    b.output(b.conv(relu, 12, 5, name="c2"))
+    swapped = b.op("Gather", [b.op("Shape", [relu]), b.const("order", np.array([1, 0]))], axis=0)
+    b.output(_negative_step_slice(b, swapped, -10, -100), TensorProto.INT64)
+    _, analysis = analyze(b)
+    assert not group_of(analysis, "c1.weight", 0).prunable
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_data_slice_with_a_negative_step_reads_the_channel_onnx_picks():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    relu = b.op("Relu", [b.conv(x, 3, 12, name="c1")])
+    b.output(b.conv(relu, 12, 5, name="c2"))
+    consts = [b.const(n, np.array([v])) for n, v in (("st", -100), ("en", -1000), ("ax", 1))]
+    b.output(b.op("Slice", [relu, *consts, b.const("sp", np.array([-1]))]))
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_reshape_target_read_elsewhere_is_not_rewritten_in_place():
+    """The flatten target also sizes a ConstantOfShape: rewriting its 192 would change it."""
+
+    def target(b: GraphBuilder, relu: str) -> str:
+        batch = b.op("Slice", [b.op("Shape", [relu]), b.const("zero", np.array([0])),
+                               b.const("one", np.array([1]))])  # fmt: skip
+        built = b.op("Concat", [batch, b.const("rest", np.array([192]))], axis=0)
+        ones = onnx.helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])
+        b.output(b.op("ReduceSum", [b.op("ConstantOfShape", [built], value=ones)], keepdims=0))
+        return built
+
+    b = _flatten_cnn(target)
+    _, analysis = analyze(b)
+    assert not group_of(analysis, "c1.weight", 0).prunable
+    assert compile_check(b.model(), 0.5, 0) <= 1e-4
+
+
+def test_placeholder_where_must_fill_with_ones():
+    """Where(Equal(v, -1), [1, 192], v): the placeholder becomes 192, a size the rewrite of v
+    never reaches."""
+
+    def target(b: GraphBuilder, relu: str) -> str:
+        batch = b.op("Slice", [b.op("Shape", [relu]), b.const("zero", np.array([0])),
+                               b.const("one", np.array([1]))])  # fmt: skip
+        v = b.op("Concat", [batch, b.const("rest", np.array([-1]))], axis=0)
+        test = b.op("Equal", [v, b.const("m1", np.array([-1]))])
+        return b.op("Where", [test, b.const("fill", np.array([1, 192])), v])
+
+    _, analysis = analyze(_flatten_cnn(target))
+    assert not group_of(analysis, "c1.weight", 0).prunable
