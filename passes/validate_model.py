@@ -95,10 +95,21 @@ class ValidateModel(Pass):
                 f"the model's declared output shapes contradict its graph ({problem}); "
                 "they are kept as declared and the outputs were checked by onnxruntime"
             )
-        known = None if warnings else self.expected_shapes(feeds)
+        declared = None if warnings else self.expected_shapes(feeds)
+        known = declared
+        if known is not None and any(
+            tuple(shape) != np.shape(result) for shape, result in zip(known, produced, strict=True)
+        ):
+            known = None  # the declaration may be the author's mistake: ask the original model
         if known is None:
             try:
                 known = [np.shape(a) for a in run_session(self.original, feeds)]
+                if declared is not None and [tuple(k) for k in known] != declared:
+                    warnings.append(
+                        f"the model declares output shapes {declared} but produces {known} on "
+                        "inputs of the declared shapes; the pruned model's were compared with "
+                        "what the original produces"
+                    )
             except Exception as original_error:  # a broken node the pruned model dropped as dead
                 warnings.append(
                     f"onnxruntime cannot run the original model here ({_first(original_error)});"

@@ -300,6 +300,10 @@ def quantize(ctx: RuleContext) -> None:
             ctx.role(name, 0, PARAM)
         else:
             ctx.block_tensor(name, "quantization parameter")
+            if (ctx.rank(name) or 0) > 1:  # blocked quantization (opset 21's block_size):
+                # one scale per block of channels, which pruning single channels would split
+                ctx.block_tensor(data, "blocked quantization")
+                ctx.block_tensor(output, "blocked quantization")
 
 
 # ---------------------------------------------------------------------------------------------

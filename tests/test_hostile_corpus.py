@@ -197,6 +197,8 @@ def _graph_cases() -> dict[str, onnx.ModelProto]:
     add("input-empty-but-wide", lambda m: _set_input_dims(m, [0, 2**31]))
     add("input-empty-wide-4d", lambda m: _set_input_dims(m, [0, 2**31, 6, 6]))
     add("input-negative-dim", lambda m: _set_input_dims(m, [1, 4, -6, 6]))
+    # a dynamic batch in, a fixed one declared out: the author's inconsistency, not spa's
+    add("input-batch-dynamic-output-fixed", lambda m: _set_input_dims(m, [-1, 4, 6, 6]))
     add("input-zero-dim", lambda m: _set_input_dims(m, [1, 4, 0, 6]))
     add("input-wrong-channels", lambda m: _set_input_dims(m, [1, 5, 6, 6]))
     add("input-wrong-rank", lambda m: _set_input_dims(m, [1, 4, 6]))

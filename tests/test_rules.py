@@ -512,3 +512,33 @@ def test_placeholder_where_must_fill_with_ones():
 
     _, analysis = analyze(_flatten_cnn(target))
     assert not group_of(analysis, "c1.weight", 0).prunable
+
+
+def test_blocked_dequantize_linear_blocks_the_channels_it_reads_in_blocks():
+    """DequantizeLinear with block_size (opset 21): one scale per 4 input channels of the
+    second conv's weight, which removing single channels would split."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    quantized = numpy_helper.from_array(rng.integers(-100, 100, (8, 16, 3, 3), np.int8), "w2q")
+    scales = numpy_helper.from_array(rng.uniform(1e-3, 1e-2, (8, 4, 3, 3)).astype(np.float32), "s")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("DequantizeLinear", ["w2q", "s"], ["w2"], axis=1, block_size=4),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 8, 8])],
+        [weight("w1", 16, 3, 3, 3), weight("b1", 16), quantized, scales, weight("b2", 8)],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    analysis = spa_compiler.inspect(spa_compiler.from_proto(model))
+    group = group_of(analysis, "w1", 0)
+    assert not group.prunable
+    assert any("blocked quantization" in r for r in group.blocked_reasons)
