@@ -500,3 +500,31 @@ def test_dynamo_placeholder_names_map_when_unambiguous(tmp_path):
                 member["tensor"] = prefix + member["tensor"].replace(".", "_")
     apply_plan(module, data)
     assert_same_outputs(module, inputs, pruned)
+
+
+class _Chunked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(16, 96), nn.Linear(96, 5)
+        with torch.no_grad():
+            self.fc.weight[:48] *= 5  # the first half larger: global ranking keeps more of it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.fc(x).chunk(2, -1)
+        return self.fc2(torch.cat([second, first], -1))
+
+
+def test_parts_of_a_chunk_pruned_unevenly_are_warned_about(tmp_path):
+    """apply_plan cannot see forward: chunk(2) splits the sliced output evenly, the plan cut
+    the two halves (separate groups) by different counts; it says so instead of staying
+    silent."""
+    torch.manual_seed(0)
+    torch.randn(2, 3, 8, 8)  # weights for which global ranking cuts the halves 17 and 21
+    module = _Chunked().eval()
+    inputs = (torch.randn(3, 16),)
+    path = export(module, inputs, tmp_path / "model.onnx", "torchscript")
+    _, report = spa_compiler.compile(
+        str(path), ratio=0.4, criterion="l1", compensate=False, round_to=1, global_ranking=True
+    )
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="chunk"):
+        apply_plan(module, report.plan, model=path)

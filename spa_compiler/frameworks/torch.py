@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import torch.nn.functional as F  # noqa: N812 - the universal alias
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from spa_compiler.errors import BadInputError
+from spa_compiler.errors import BadInputError, SpaWarning
 from spa_compiler.plan import Plan
 
 __all__ = ["apply_plan"]
@@ -113,6 +114,8 @@ def apply_plan(
             key, axis = target
             slots[by_key[key]].removed[axis].update(removed)
     _derive_batchnorm(module, slots, by_key, folded_bias, graph)
+    if graph is not None:
+        _warn_uneven_parts(plan, graph)
     # Some refusals (uneven heads or groups) only show while attributes are updated: a
     # refused plan must leave the module as it was, not half sliced.
     snapshot = [
@@ -200,6 +203,7 @@ class _OnnxGraph:
                 model = onnx.load(os.fspath(model), load_external_data=False)
             except (OSError, ValueError, DecodeError) as error:
                 raise BadInputError(f"{model}: cannot read the ONNX model ({error})") from None
+        self.nodes = list(model.graph.node)
         self.producers = {out: node for node in model.graph.node for out in node.output}
         self.initializers = {t.name: t for t in model.graph.initializer}
 
@@ -215,6 +219,33 @@ class _OnnxGraph:
                 if attribute.name == "value":
                     return onnx.numpy_helper.to_array(attribute.t)
         return None
+
+
+def _warn_uneven_parts(plan: Plan, graph: _OnnxGraph) -> None:
+    """A forward that splits a tensor by its current size (``chunk``) splits it evenly after
+    slicing; if the plan cut the parts (separate groups) by different counts, the module no
+    longer computes what the pruned ONNX model does, and nothing in its parameters shows it."""
+    removed: dict[str, int] = defaultdict(int)
+    for planned in plan.groups:
+        for member in planned.members:
+            per_channel = len(member["indices"][0]) if len(member["indices"]) else 0
+            removed[str(member["tensor"])] += len(planned.removed) * per_channel
+    parts: dict[str, list[str]] = defaultdict(list)  # split tensor -> its parts
+    for node in graph.nodes:
+        if node.op_type == "Split":
+            parts[node.input[0]].extend(node.output)
+        elif node.op_type == "Slice":
+            parts[node.input[0]].extend(node.output[:1])
+    for source, outputs in sorted(parts.items()):
+        counts = {removed.get(name, 0) for name in outputs}
+        if len(outputs) > 1 and len(counts) > 1:
+            warnings.warn(
+                f"the plan removes {sorted(counts)} channels from the parts "
+                f"{', '.join(outputs)} of '{source}': a forward that splits it by its size "
+                "(chunk) will not match the pruned ONNX model; compare them once",
+                SpaWarning,
+                stacklevel=3,
+            )
 
 
 def _resolve(
