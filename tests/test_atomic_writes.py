@@ -21,14 +21,19 @@ import pytest
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> pathlib.Path:
+def _llama(folder: pathlib.Path, *sizes: int) -> pathlib.Path:
+    """models/make_llama.py's model of ``sizes`` saved in ``folder``, in external data."""
     spec = importlib.util.spec_from_file_location("make_llama", MODELS / "make_llama.py")
     make_llama = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_llama)
-    path = tmp_path_factory.mktemp("llama") / "llama.onnx"
-    make_llama.save(make_llama.build(512, 3, 8, 8, 1536, 4000), path)  # ~45 MB of weights
+    path = folder / "llama.onnx"
+    make_llama.save(make_llama.build(*sizes), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> pathlib.Path:
+    return _llama(tmp_path_factory.mktemp("llama"), 512, 3, 8, 8, 1536, 4000)  # ~45 MB
 
 
 def _command(model: pathlib.Path, out: pathlib.Path) -> list[str]:
@@ -55,12 +60,7 @@ def test_a_killed_compile_leaves_nothing_half_written(llama, tmp_path, delay):
 
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory) -> pathlib.Path:
-    spec = importlib.util.spec_from_file_location("make_llama", MODELS / "make_llama.py")
-    make_llama = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_llama)
-    path = tmp_path_factory.mktemp("small") / "llama.onnx"
-    make_llama.save(make_llama.build(256, 2, 4, 4, 768, 2000), path)  # ~11 MB of weights
-    return path
+    return _llama(tmp_path_factory.mktemp("small"), 256, 2, 4, 4, 768, 2000)  # ~11 MB
 
 
 def _every_output(model: pathlib.Path, folder: pathlib.Path) -> tuple[list[str], dict]:
