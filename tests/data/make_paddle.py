@@ -21,10 +21,9 @@ import pathlib
 import tempfile
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import paddle
 import paddle2onnx
+from checked import check_against_framework
 from paddle import nn
 from paddle.nn import functional as F  # noqa: N812 - paddle's own alias
 
@@ -124,11 +123,7 @@ def main() -> None:
             )
         x = rng.standard_normal((2, *shape)).astype(np.float32)
         want = layer(paddle.to_tensor(x)).numpy()
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        proto = onnx.load(str(path))
-        print(f"{path.name}: {path.stat().st_size} bytes, {[n.op_type for n in proto.graph.node]}")
+        check_against_framework(path, x, want)
 
 
 if __name__ == "__main__":

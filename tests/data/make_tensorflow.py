@@ -26,9 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import onnx
-import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
+from checked import check_against_framework
 
 OUT = pathlib.Path(__file__).resolve().parent / "tensorflow"
 OPSET = 17
@@ -120,10 +120,7 @@ def main() -> None:
         onnx.save(proto, str(path))
         x = rng.standard_normal((2, *shape[1:])).astype(np.float32)
         want = model(x, training=False).numpy()
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        print(f"{path.name}: {path.stat().st_size} bytes, {[n.op_type for n in proto.graph.node]}")
+        check_against_framework(path, x, want)
 
 
 if __name__ == "__main__":
