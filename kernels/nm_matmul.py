@@ -15,6 +15,13 @@ configuration by the autotuner:
   p0 ∈ {0,1,2} and p1 ∈ {1,2,3}), and only K·N/M multiply-adds are done. For M = 1 this halves
   the arithmetic, which is what a GEMV at full memory bandwidth cannot afford.
 
+Every K loop is a ``tl.range(..., num_stages=LOOP_STAGES)``: a kernel's ``num_stages`` only
+software-pipelines loads that feed ``tl.dot``, so the ``gather`` and ``fma`` paths — the
+memory-bound decode case — used to wait on each K-step's loads before issuing the next
+(compiled for sm_90 they were plain ``ld.global``; with the loop attribute they become
+``cp.async`` prefetches ``LOOP_STAGES − 1`` steps ahead, and use fewer registers).
+``tests/test_kernels.py`` compiles the decode configurations for sm_90 to keep it so.
+
 Large M is compute bound and tensor cores here are dense: ``nm_linear`` expands the whole
 weight once (``decompress_kernel``) and calls cuBLAS above ``DENSE_FROM_M`` rows.
 
@@ -72,6 +79,9 @@ LARGE_M_CONFIGS = [
     (256, 128, 64, "dot", 8, 3),
 ]
 GROUP_SIZE_M = 8
+# Pipeline depth of the K loop when a caller fixes the blocks without ``num_stages``
+# (Triton's own default).
+DEFAULT_STAGES = 3
 # The M bucket (not M itself) keys the tuning cache: M = 3 and M = 4 share a choice; the
 # pattern keys the sparse kernel's too (a 2:4 gather tile is no 2:8 tile).
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
@@ -80,7 +90,7 @@ NM_AUTOTUNE_KEY = [*AUTOTUNE_KEY, "KEEP", "GROUP", "BITS"]
 
 def _triton_config(block_m, block_n, block_k, mode, warps, stages, split=None) -> triton.Config:
     blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "MODE": MODES[mode],
-              "GROUP_SIZE_M": GROUP_SIZE_M}  # fmt: skip
+              "GROUP_SIZE_M": GROUP_SIZE_M, "LOOP_STAGES": stages}  # fmt: skip
     if split is not None:
         blocks["SPLIT_K"] = split
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
@@ -357,6 +367,7 @@ def nm_matmul_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr = None,
 ):  # fmt: skip
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -371,7 +382,7 @@ def nm_matmul_kernel(
     steps_per_split = tl.cdiv(steps, SPLIT_K)
     first_step = tl.program_id(1) * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, steps)
-    for step in range(first_step, last_step):
+    for step in tl.range(first_step, last_step, num_stages=LOOP_STAGES):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
@@ -414,6 +425,7 @@ def dense_matmul_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, IEEE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr = None,
 ):  # fmt: skip
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -422,7 +434,7 @@ def dense_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for step in range(0, tl.cdiv(K, BLOCK_K)):
+    for step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=LOOP_STAGES):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         w = _load_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk)
@@ -470,6 +482,7 @@ def _launch_options(config: dict | None) -> dict | None:
     if config is None:
         return None
     options = {"GROUP_SIZE_M": GROUP_SIZE_M, **config}
+    options.setdefault("LOOP_STAGES", options.get("num_stages", DEFAULT_STAGES))
     if options["MODE"] not in MODES:
         raise ValueError(f"MODE must be one of {sorted(MODES)}, not {options['MODE']!r}")
     if options["MODE"] == "dot" and min(options["BLOCK_M"], options["BLOCK_N"],
