@@ -268,6 +268,39 @@ def test_one_of_sixteen_finds_a_tile_at_every_size():
             assert kept, (rows, pattern)
 
 
+_COMPILE_DECODE_CONFIGS = """
+import json
+from spa_compiler.kernels import compiled
+cases = {
+    "2:4 gather": compiled.compile_nm((1, 16, 512, "gather", 4, 3), (2, 4)),
+    "4:8 gather": compiled.compile_nm((1, 16, 512, "gather", 4, 3), (4, 8)),
+    "2:4 gather split-K": compiled.compile_nm((1, 16, 512, "gather", 4, 3, 4), (2, 4)),
+    "2:4 fma M=4": compiled.compile_nm((4, 16, 128, "fma", 4, 3), (2, 4), m=4),
+    "dense fma": compiled.compile_dense((1, 16, 256, "fma", 4, 3)),
+}
+print(json.dumps({name: [k.prefetched_loads, k.waited_loads, k.stack_bytes]
+                  for name, k in cases.items()}))
+"""
+
+
+def test_decode_paths_compile_to_prefetched_loads_for_sm90():
+    """The memory-bound paths must keep several K-steps of weight loads in flight: compiled
+    for an H100 (ahead of time, no GPU), every global load is a cp.async prefetch and nothing
+    spills. A plain ``range`` K loop compiles to loads waited on each step (the kernels before
+    ``LOOP_STAGES``)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_DECODE_CONFIGS], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (prefetched, waited, stack) in report.items():
+        assert prefetched > 0 and waited == 0, (name, report)
+        assert stack == 0, (name, report)
+
+
 def test_export_compressed_archive_feeds_the_kernel(compressed_bert_tiny):
     out, archive = compressed_bert_tiny
     import onnx
