@@ -1,9 +1,12 @@
 """All GPU checks and timings of the Triton N:M kernels in one go (one short GPU session):
 correctness against float64 (fp16/bf16, 2:4/4:8, each product path, ragged shapes, bias+GELU,
-poisoned outputs), then timings in priority order — the issue's fp16 2:4 grid first — saved
+poisoned outputs), then — with ``--sweep-budget`` — a coordinate-descent search for the
+sparse kernel's best blocks at the decode shapes (``kernels/tune.py``) and the expansion
+kernel's blocks, then timings in priority order — the issue's fp16 2:4 grid first — saved
 after every shape so a cut-off run keeps what it measured, then a model's matmul shapes.
 
     python benchmarks/bench_kernels.py --out results/ [--model llama.onnx] [--budget 420]
+        [--sweep-budget 150]
 
 Writes kernels.json, kernels.png and kernels.txt (the table) into --out; exits 1 if a
 correctness check fails, 2 without a GPU.
@@ -29,6 +32,12 @@ def main() -> int:
     parser.add_argument("--model", help="an ONNX model whose Gemm/MatMul shapes to time")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds for the timings")
     parser.add_argument("--quick", action="store_true", help="the fp16 2:4 grid only")
+    parser.add_argument(
+        "--sweep-budget",
+        type=float,
+        default=0.0,
+        help="seconds for searching the sparse kernel's blocks at decode shapes (0: none)",
+    )
     parser.add_argument(
         "--timing",
         choices=["graph", "eager"],
@@ -63,6 +72,24 @@ def main() -> int:
     data["correctness"] = checks
     save(data)
 
+    if args.sweep_budget > 0:
+        # fp16 2:4 at the issue's memory-bound shapes, the target first
+        targets = [(1, 8192, 8192), (16, 8192, 8192), (4, 8192, 8192), (1, 4096, 4096)]
+        data["sweep"] = []
+        sweep_started = time.perf_counter()
+        for index, (m, n, k) in enumerate(targets):
+            left = args.sweep_budget - (time.perf_counter() - sweep_started)
+            if left <= 5:
+                break
+            share = left / (len(targets) - index) if index else left * 0.4
+            data["sweep"].append(benchmark.sweep(m, n, k, budget_s=share, log=log))
+            torch.cuda.empty_cache()
+            log(benchmark.sweep_text(data["sweep"][-1], data["copy_bandwidth_bytes_per_s"]))
+            save(data)
+        data["sweep_decompress"] = benchmark.sweep_decompress(8192, 8192, log=log)
+        torch.cuda.empty_cache()
+        save(data)
+
     grid_m = (1, 4, 16, 64, 256, 4096)
     jobs = [(m, s, s, "fp16", (2, 4)) for s in (8192, 4096) for m in grid_m]
     if not args.quick:
@@ -83,6 +110,11 @@ def main() -> int:
     data["tuned"] = benchmark._tuned()
     save(data)
     table = benchmark.table(data)
+    if data.get("sweep"):
+        copy = data["copy_bandwidth_bytes_per_s"]
+        table += "\n\nsweep (fp16 2:4):\n" + "\n".join(
+            benchmark.sweep_text(row, copy) for row in data["sweep"]
+        )
     print(table)
     write_atomic(args.out / "kernels.txt", (table + "\n").encode())
     write_atomic(args.out / "kernels.png", benchmark.plot(data))

@@ -218,6 +218,162 @@ def time_shape(
     return result
 
 
+def _synchronize(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize()
+
+
+def _config_dict(config: tuple) -> dict[str, Any]:
+    block_m, block_n, block_k, mode, warps, stages, split = config
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "MODE": mode,
+            "SPLIT_K": split, "num_warps": warps, "num_stages": stages}  # fmt: skip
+
+
+def _autotuned_choice(m: int, n: int, k: int, pattern: tuple[int, int], bits: int) -> tuple | None:
+    """The configuration the autotuner chose for this shape, as a 7-tuple, if it has run."""
+    import triton
+    from spa_compiler.kernels.nm_matmul import MODES, tuned_config
+
+    wanted = (triton.next_power_of_2(m), n, k, *pattern, bits)
+    names = {v: k for k, v in MODES.items()}
+    for key, chosen in tuned_config("nm").items():
+        if tuple(key[: len(wanted)]) == wanted:
+            return (chosen["BLOCK_M"], chosen["BLOCK_N"], chosen["BLOCK_K"],
+                    names[chosen["MODE"]], chosen["num_warps"], chosen["num_stages"],
+                    chosen.get("SPLIT_K", 1))  # fmt: skip
+    return None
+
+
+def sweep(
+    m: int, n: int, k: int, dtype: str = "fp16", pattern: tuple[int, int] = (2, 4),
+    budget_s: float = 60.0, log=print, device: str = "cuda", timer=None,
+) -> dict[str, Any]:  # fmt: skip
+    """Coordinate descent over the sparse kernel's blocks at one shape (``tune``), from the
+    autotuner's choice; every configuration checked against float64 on a poisoned output
+    before it is timed (CUDA graphs, rotated weights), cuBLAS timed alongside. ``timer``
+    (calls -> (µs, how)) and ``device`` let the CPU tests walk the same code under Triton's
+    interpreter."""
+    from spa_compiler.kernels import tune
+    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
+    from spa_compiler.kernels.nm_matmul import _configs_for, _full, nm_matmul, reference_matmul
+
+    keep, group = pattern
+    torch_dtype = DTYPES[dtype]
+    x = torch.randn(m, k, device=device, dtype=torch_dtype)
+    out = torch.empty(m, n, device=device, dtype=torch_dtype)
+    element = x.element_size()
+    copies = _copies_to_overflow_l2(n * k * element) if x.is_cuda else 2
+    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
+             for _ in range(copies)]  # fmt: skip
+    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    reference = reference_matmul(x, dense[0])
+    timer = timer or (lambda calls: _time_us(calls, "graph"))
+    cublas_us, _ = timer([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])
+    nm_matmul(x, sparse[0], out=out)  # the autotuner's choice is the start
+    bits = sparse[0].bits
+    start = _autotuned_choice(m, n, k, pattern, bits) or _full(_configs_for(m)[0])
+    failures: dict[str, str] = {}
+
+    def measure(config: tuple) -> float | None:
+        options = _config_dict(config)
+        try:
+            out.fill_(float("nan"))
+            nm_matmul(x, sparse[0], out=out, config=options)
+            _synchronize(x)
+            error = float((out.double() - reference).norm() / reference.norm())
+            if not error <= 1e-2:  # NaN (unwritten) included
+                failures[str(config)] = f"relative error {error:.1e}"
+                return None
+            calls = [lambda w=w: nm_matmul(x, w, out=out, config=options) for w in sparse]
+            microseconds, how = timer(calls)
+        except Exception as error:  # out of shared memory or registers: skipped, recorded
+            _synchronize(x)
+            failures[str(config)] = f"{type(error).__name__}: {str(error)[:160]}"
+            return None
+        log(
+            f"  sweep M={m} N={n} K={k} {config}: {microseconds:.1f} us "
+            f"({cublas_us / microseconds:.2f}x cuBLAS){'' if how == 'graph' else ' ' + how}"
+        )
+        return microseconds
+
+    best, best_us, history = tune.coordinate_search(
+        start, lambda c: tune.neighbours(c, m, n, k, pattern, bits), measure, budget_s
+    )
+    moved = sparse[0].nbytes + (m * k + m * n) * element
+    result = {
+        "m": m, "n": n, "k": k, "dtype": dtype, "pattern": f"{keep}:{group}",
+        "cublas_us": cublas_us, "start": list(start),
+        "start_us": history[0]["microseconds"] if history else None,
+        "best": list(best), "best_us": best_us,
+        "speedup_vs_cublas": cublas_us / best_us if best_us else None,
+        "bandwidth_bytes_per_s": moved / (best_us * 1e-6) if best_us else None,
+        "history": history, "failures": failures,
+    }  # fmt: skip
+    return result  # the caller empties torch's cache once the closures are gone
+
+
+# (BLOCK_N, BLOCK_K, warps) values whose combinations sweep_decompress times
+DECOMPRESS_GRID = ((16, 32, 64), (128, 256, 512), (4, 8))
+
+
+def sweep_text(row: dict[str, Any], copy_bandwidth: float) -> str:
+    """One line per searched shape: cuBLAS, the autotuner's choice, the best found."""
+    text = f"M={row['m']} N={row['n']} K={row['k']}: cuBLAS {row['cublas_us']:.1f} us"
+    if row["start_us"]:
+        text += f", autotuned {row['start_us']:.1f} us ({row['cublas_us'] / row['start_us']:.2f}x)"
+    if row["best_us"]:
+        bandwidth = row["bandwidth_bytes_per_s"]
+        text += (
+            f", best {row['best_us']:.1f} us ({row['speedup_vs_cublas']:.2f}x, "
+            f"{bandwidth / 1e12:.2f} TB/s = {bandwidth / copy_bandwidth:.0%} of copy) "
+            f"with {tuple(row['best'])} after {len(row['history'])} configurations"
+        )
+    return text
+
+
+def sweep_decompress(
+    n: int, k: int, dtype: str = "fp16", pattern: tuple[int, int] = (2, 4), log=print,
+    device: str = "cuda", timer=None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The expansion kernel (the large-M path's fixed cost) over a grid of blocks: bytes read
+    and written per second, each result checked bit for bit (``device``/``timer`` as in
+    ``sweep``)."""
+    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
+    from spa_compiler.kernels.nm_matmul import decompress
+
+    keep, group = pattern
+    torch_dtype = DTYPES[dtype]
+    copies = _copies_to_overflow_l2(n * k * 2) if device == "cuda" else 2
+    timer = timer or (lambda calls: _time_us(calls, "graph"))
+    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
+             for _ in range(copies)]  # fmt: skip
+    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    expanded = torch.empty_like(dense[0])
+    moved = sparse[0].nbytes + expanded.numel() * expanded.element_size()
+    rows = []
+    for block_n, block_k, warps in itertools.product(*DECOMPRESS_GRID):
+        blocks = (block_n, block_k, warps)
+        try:
+            expanded.zero_()
+            decompress(sparse[0], expanded, blocks=blocks)
+            if not torch.equal(expanded, dense[0]):
+                rows.append({"blocks": list(blocks), "error": "differs from the dense weight"})
+                continue
+            calls = [lambda w=w, b=blocks: decompress(w, expanded, blocks=b) for w in sparse]
+            microseconds, _ = timer(calls)
+        except Exception as error:
+            _synchronize(expanded)
+            rows.append({"blocks": list(blocks), "error": f"{type(error).__name__}"})
+            continue
+        rows.append({"blocks": list(blocks), "microseconds": microseconds,
+                     "bandwidth_bytes_per_s": moved / (microseconds * 1e-6)})  # fmt: skip
+        log(
+            f"  decompress {n}x{k} {blocks}: {microseconds:.1f} us "
+            f"{moved / microseconds / 1e6:.2f} TB/s"
+        )
+    return rows
+
+
 def gpu_correctness(seed: int = 0) -> list[dict[str, Any]]:
     """Both kernels on fresh random inputs, outputs poisoned with NaN, against float64:
     fp16 and bf16, 2:4 and 4:8, each product path on small and ragged shapes, with bias and

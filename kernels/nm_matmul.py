@@ -590,8 +590,15 @@ def nm_matmul(
     return out
 
 
-def decompress(weight: NMWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense [N, K] weight, expanded on the device."""
+# The expansion kernel's (BLOCK_N, BLOCK_K, warps) on a GPU; ``benchmark.sweep_decompress``
+# measures the alternatives.
+DECOMPRESS_BLOCKS = (32, 256, 4)
+
+
+def decompress(
+    weight: NMWeight, out: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """The dense [N, K] weight, expanded on the device; ``blocks`` = (BLOCK_N, BLOCK_K, warps)."""
     n, k = weight.rows, weight.k
     if out is None:
         out = torch.empty((n, k), dtype=weight.values.dtype, device=weight.values.device)
@@ -599,13 +606,16 @@ def decompress(weight: NMWeight, out: torch.Tensor | None = None) -> torch.Tenso
         raise ValueError(f"out must be a row-major [{n}, {k}] {weight.values.dtype} tensor")
     if n * k > MAX_ELEMENTS:
         raise ValueError("a weight over 2**31 elements needs 64-bit offsets the kernels lack")
-    block_n, block_k = (16, 64) if interpreting() else (32, 256)
+    if blocks is None:
+        blocks = (16, 64, 4) if interpreting() else DECOMPRESS_BLOCKS
+    block_n, block_k, warps = blocks
     block_k = _whole_words(block_k, weight.n, weight.m, weight.bits)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     decompress_kernel[grid](
         weight.values, weight.words, out, n, k,
         weight.values.stride(0), weight.words.stride(0), out.stride(0),
         KEEP=weight.n, GROUP=weight.m, BITS=weight.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -154,6 +154,8 @@ def test_decompress_and_nm_linear(n, m):
     rows = torch.from_numpy(_sparse_rows(np.random.default_rng(m + n), 20, m * 24, n, m)).half()
     weight = NMWeight.from_dense(rows, n, m)
     torch.testing.assert_close(decompress(weight), rows, rtol=0, atol=0)
+    # other blocks (the GPU sweep's), a tile past the weight's edges included
+    torch.testing.assert_close(decompress(weight, blocks=(32, 128, 2)), rows, rtol=0, atol=0)
     x = torch.randn(3, m * 24, generator=torch.Generator().manual_seed(1), dtype=torch.float16)
     bias = torch.randn(20, generator=torch.Generator().manual_seed(2), dtype=torch.float16)
     for dense_from_m in (1, 100):  # the expanded-weight path, then the sparse kernel
@@ -316,3 +318,72 @@ def test_export_compressed_archive_feeds_the_kernel(compressed_bert_tiny):
     result = nm_matmul(x, weight, config=DOT)
     expected = x.double() @ torch.from_numpy(np.array(rows)).double().T
     _check(result, expected, torch.float32)
+
+
+def test_coordinate_search_walks_to_the_best_and_skips_failures():
+    from spa_compiler.kernels import tune
+
+    def cost(config):  # a bowl with its floor at (4, 8); the point (2, 4) fails
+        if config == (2, 4):
+            return None
+        return (config[0] - 4) ** 2 + (config[1] - 8) ** 2 + 1.0
+
+    def around(config):
+        a, b = config
+        return [(a * 2, b), (a // 2, b), (a, b * 2), (a, b // 2)]
+
+    best, best_time, history = tune.coordinate_search((1, 1), around, cost, budget_s=60)
+    assert best == (4, 8) and best_time == 1.0
+    assert {tuple(h["config"]) for h in history} >= {(1, 1), (2, 4), (4, 8)}
+    assert len(history) == len({tuple(h["config"]) for h in history})  # each timed once
+
+    ticks = iter(range(100))
+    best, _, history = tune.coordinate_search(
+        (1, 1), around, cost, budget_s=3, clock=lambda: next(ticks)
+    )
+    assert len(history) <= 4  # the budget stops the walk
+
+
+def test_sweep_neighbours_are_launchable_configurations():
+    """Every neighbour the sweep may time is accepted by nm_matmul and computes the product
+    (the interpreter ignores warps and stages; the GPU sweep times them)."""
+    from spa_compiler.kernels import tune
+    from spa_compiler.kernels.benchmark import _config_dict
+
+    generator = torch.Generator().manual_seed(11)
+    m, n, k = 1, 32, 256
+    x = torch.randn(m, k, generator=generator)
+    weight = NMWeight.from_dense(torch.randn(n, k, generator=generator), 2, 4, prune=True)
+    start = (1, 16, 128, "gather", 4, 3, 1)
+    around = tune.neighbours(start, m, n, k, (2, 4), weight.bits)
+    assert {c[3] for c in around} == {"gather", "fma", "dot"}
+    assert all(sum(a != b for a, b in zip(c, start, strict=True)) in (1, 2) for c in around)
+    assert all(c[0] >= 16 for c in around if c[3] == "dot")
+    expected = reference_matmul(x, weight.to_dense())
+    for config in around:
+        _check(nm_matmul(x, weight, config=_config_dict(config)), expected, torch.float32)
+
+
+def _wall_clock(calls):
+    import time
+
+    started = time.perf_counter()
+    for call in calls:
+        call()
+    return 1e6 * (time.perf_counter() - started) / len(calls), "wall"
+
+
+def test_sweep_walks_checks_and_reports_under_the_interpreter():
+    """The GPU sweep's own code (start, neighbours, correctness gate, report) on the CPU, timed
+    by the wall clock: a GPU session must not be the first run of it."""
+    from spa_compiler.kernels import benchmark
+
+    logged = []
+    row = benchmark.sweep(1, 32, 256, "fp16", budget_s=4, log=logged.append, device="cpu",
+                          timer=_wall_clock)  # fmt: skip
+    assert len(row["history"]) >= 2 and row["best_us"] and row["best_us"] <= row["start_us"]
+    assert all(h["microseconds"] or str(tuple(h["config"])) in row["failures"]
+               for h in row["history"])  # fmt: skip
+    assert "best" in benchmark.sweep_text(row, copy_bandwidth=1e12) and logged
+    rows = benchmark.sweep_decompress(24, 64, device="cpu", timer=_wall_clock, log=lambda _: 0)
+    assert len(rows) == 18 and all("microseconds" in r for r in rows), rows
