@@ -37,6 +37,16 @@ class CompiledKernel:
     shared_bytes: int
     warps: int
     loads: dict[str, int] = field(default_factory=dict)
+    loop: dict[str, int] = field(default_factory=dict)  # K loop's machine instructions
+
+    @property
+    def loop_length(self) -> int:
+        return sum(self.loop.values())
+
+    def per_thread(self, work: int) -> float:
+        """K-loop machine instructions for each of ``work`` items one loop step does (a
+        step's kept values, say), per thread."""
+        return self.loop_length * 32 * self.warps / work
 
     @property
     def prefetched_loads(self) -> int:
@@ -63,23 +73,50 @@ def _tools_dir() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack bytes) of the one kernel in ``cubin``, from cuobjdump."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as file:
             file.write(cubin)
-        usage = subprocess.run(
-            [os.path.join(_tools_dir(), "cuobjdump"), "-res-usage", path],
+        return subprocess.run(
+            [os.path.join(_tools_dir(), "cuobjdump"), flag, path],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes) of the one kernel in ``cubin``."""
+    usage = _cuobjdump(cubin, "-res-usage")
     registers = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     if registers is None or stack is None:
         raise RuntimeError(f"cuobjdump -res-usage gave no register count:\n{usage}")
     return int(registers.group(1)), int(stack.group(1))
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _loop_instructions(cubin: bytes) -> dict[str, int]:
+    """Machine instructions of the longest loop (the K loop): opcode -> count, counted from a
+    backward branch's target to the branch."""
+    lines = [
+        (int(m.group(1), 16), m.group(3), m.group(4))
+        for m in map(_SASS_LINE.search, _cuobjdump(cubin, "-sass").splitlines())
+        if m
+    ]
+    best: list[str] = []
+    for address, opcode, operands in lines:
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            body = [op for a, op, _ in lines if int(target.group(1), 16) <= a <= address]
+            best = body if len(body) > len(best) else best
+    counts: dict[str, int] = {}
+    for opcode in best:
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
 
 
 def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int,
@@ -100,7 +137,8 @@ def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int,
     for match in _LOAD.finditer(compiled.asm["ptx"]):
         loads[match.group(0)] = loads.get(match.group(0), 0) + 1
     registers, stack = _resources(compiled.asm["cubin"])
-    return CompiledKernel(registers, stack, compiled.metadata.shared, warps, loads)
+    return CompiledKernel(registers, stack, compiled.metadata.shared, warps, loads,
+                          _loop_instructions(compiled.asm["cubin"]))  # fmt: skip
 
 
 def compile_nm(config: tuple, pattern: tuple[int, int] = (2, 4), dtype: str = "fp16",
@@ -150,6 +188,12 @@ def compile_dense(config: tuple, dtype: str = "fp16", m: int = 1,
     return _compile(nm_matmul.dense_matmul_kernel, signature, constants, warps, stages, capability)
 
 
+def kept_per_step(config: tuple, pattern: tuple[int, int]) -> int:
+    """Kept weight values one program reads per K-step."""
+    _, block_n, block_k, *_ = nm_matmul._full(config)
+    return block_n * block_k * pattern[0] // pattern[1]
+
+
 def programs(config: tuple, m: int, n: int) -> int:
     """Programs ``nm_matmul`` launches for an [m, n] output with this configuration."""
     block_m, block_n, *_, split = nm_matmul._full(config)
@@ -172,7 +216,8 @@ def main() -> None:
                 print(f"{pattern[0]}:{pattern[1]}  {m:>2}  {nm_matmul._full(config)!s:<34}"
                       f"{built.registers:>5} {built.stack_bytes:>5} {built.shared_bytes:>6}"
                       f"  {built.prefetched_loads:>5} {built.waited_loads:>6} {per_sm:>4}"
-                      f"  {programs(config, m, 8192):>8} ({per_sm * SM90['sms']})")  # fmt: skip
+                      f"  {programs(config, m, 8192):>8} ({per_sm * SM90['sms']})"
+                      f"  {built.per_thread(kept_per_step(config, pattern)):.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -184,6 +184,16 @@ def _positions(words, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, KEEP: tl.cons
 
 
 @triton.jit
+def _position_bit(words, BIT: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                  KEEP: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """Packed int32 words [BLOCK_N, W] -> bit ``BIT`` of every position, as booleans
+    [BLOCK_N, GROUPS, KEEP]: tested in place (one AND-compare), no field extracted."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    masks = 1 << (tl.arange(0, PER_WORD) * BITS + BIT)
+    return tl.reshape((words[:, :, None] & masks[None, None, :]) != 0, (BLOCK_N, GROUPS, KEEP))
+
+
+@triton.jit
 def _split4(t):
     """[..., 2, 2] (index 2a + c) -> the four [...] slices 0, 1, 2, 3."""
     even, odd = tl.split(t)
@@ -255,36 +265,37 @@ def _gather_products(acc, x, values, words, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
                      BITS: tl.constexpr):  # fmt: skip
     """acc [BLOCK_M, BLOCK_N, G] += Σ over the kept values of a group: value · x[its slot]."""
     G: tl.constexpr = BLOCK_K // GROUP
-    positions = _positions(words, BLOCK_N, G, KEEP, BITS)
+    x = x.to(tl.float32)  # once per activation, not once per kept value that picks it
+    # Each pick is a select tree on the position's bits, tested in place in the packed words.
     if KEEP == 2:  # 2:4: p0 ∈ {0, 1, 2}, p1 ∈ {1, 2, 3}
-        p0, p1 = tl.split(positions)
-        v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, G, 2)))
+        low0, low1 = tl.split(_position_bit(words, 0, BLOCK_N, G, KEEP, BITS)[None, :, :, :])
+        high0, high1 = tl.split(_position_bit(words, 1, BLOCK_N, G, KEEP, BITS)[None, :, :, :])
+        v0, v1 = tl.split(tl.reshape(values, (BLOCK_N, G, 2)).to(tl.float32))
         x0, x1, x2, x3 = _split4(tl.reshape(x, (BLOCK_M, G, 2, 2)))
         x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
-        p0, p1 = p0[None, :, :], p1[None, :, :]
-        picked0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
-        picked1 = tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, x3))
-        acc += v0[None, :, :].to(tl.float32) * picked0.to(tl.float32)
-        acc += v1[None, :, :].to(tl.float32) * picked1.to(tl.float32)
-    else:  # 4:8: p_i ∈ {i, …, i + 4}
-        p0, p1, p2, p3 = _split4(tl.reshape(positions, (BLOCK_N, G, 2, 2)))
-        v0, v1, v2, v3 = _split4(tl.reshape(values, (BLOCK_N, G, 2, 2)))
+        acc += v0[None, :, :] * tl.where(high0, x2, tl.where(low0, x1, x0))
+        acc += v1[None, :, :] * tl.where(high1, tl.where(low1, x3, x2), x1)
+    else:  # 4:8: p_i ∈ {i, …, i + 4}, three bits each
+        shape: tl.constexpr = (1, BLOCK_N, G, 2, 2)
+        b0 = _split4(tl.reshape(_position_bit(words, 0, BLOCK_N, G, KEEP, BITS), shape))
+        b1 = _split4(tl.reshape(_position_bit(words, 1, BLOCK_N, G, KEEP, BITS), shape))
+        b2 = _split4(tl.reshape(_position_bit(words, 2, BLOCK_N, G, KEEP, BITS), shape))
+        v0, v1, v2, v3 = _split4(tl.reshape(values, (BLOCK_N, G, 2, 2)).to(tl.float32))
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(tl.reshape(x, (BLOCK_M, G, 2, 2, 2)))
         x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
         x4, x5, x6, x7 = x4[:, None, :], x5[:, None, :], x6[:, None, :], x7[:, None, :]
-        p0, p1, p2, p3 = p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :]
-        picked0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, tl.where(p0 == 2, x2, tl.where(
-            p0 == 3, x3, x4))))  # fmt: skip
-        picked1 = tl.where(p1 == 1, x1, tl.where(p1 == 2, x2, tl.where(p1 == 3, x3, tl.where(
-            p1 == 4, x4, x5))))  # fmt: skip
-        picked2 = tl.where(p2 == 2, x2, tl.where(p2 == 3, x3, tl.where(p2 == 4, x4, tl.where(
-            p2 == 5, x5, x6))))  # fmt: skip
-        picked3 = tl.where(p3 == 3, x3, tl.where(p3 == 4, x4, tl.where(p3 == 5, x5, tl.where(
-            p3 == 6, x6, x7))))  # fmt: skip
-        acc += v0[None, :, :].to(tl.float32) * picked0.to(tl.float32)
-        acc += v1[None, :, :].to(tl.float32) * picked1.to(tl.float32)
-        acc += v2[None, :, :].to(tl.float32) * picked2.to(tl.float32)
-        acc += v3[None, :, :].to(tl.float32) * picked3.to(tl.float32)
+        picked0 = tl.where(b2[0], x4, tl.where(b1[0], tl.where(b0[0], x3, x2),
+                                               tl.where(b0[0], x1, x0)))  # fmt: skip
+        picked1 = tl.where(b2[1], tl.where(b0[1], x5, x4),
+                           tl.where(b1[1], tl.where(b0[1], x3, x2), x1))  # fmt: skip
+        picked2 = tl.where(b2[2], tl.where(b1[2], x6, tl.where(b0[2], x5, x4)),
+                           tl.where(b0[2], x3, x2))  # fmt: skip
+        picked3 = tl.where(b2[3], tl.where(b1[3], tl.where(b0[3], x7, x6),
+                                           tl.where(b0[3], x5, x4)), x3)  # fmt: skip
+        acc += v0[None, :, :] * picked0
+        acc += v1[None, :, :] * picked1
+        acc += v2[None, :, :] * picked2
+        acc += v3[None, :, :] * picked3
     return acc
 
 
