@@ -161,6 +161,7 @@ def compile_nm(config: tuple, pattern: tuple[int, int] = (2, 4), dtype: str = "f
         "HAS_BIAS": False, "ACTIVATION": 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
         "BLOCK_K": block_k, "MODE": nm_matmul.MODES[mode], "GROUP_SIZE_M": nm_matmul.GROUP_SIZE_M,
         "SPLIT_K": split, "IEEE": dtype == "fp32", "LOOP_STAGES": stages,
+        "PAIRS": pattern == (2, 4) and dtype != "fp32",
     }  # fmt: skip
     if m == 1:
         constants.update(M=1, M_BUCKET=1)

@@ -327,6 +327,58 @@ def _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn, strid
 
 
 @triton.jit
+def _expand_24_pairs(pairs, words, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, dtype):
+    """2:4 in a 16-bit dtype: each group's two kept values as one int32 ``(v1 << 16) | v0``
+    [BLOCK_N, GROUPS] + packed positions -> the dense [BLOCK_N, 4·GROUPS] tile. Slots 0-1 and
+    2-3 of a group are each one 32-bit word, built from the pair with shifts and masks under
+    a few selects on the group's 4-bit position code (p0 ∈ {0, 1, 2}, p1 ∈ {1, 2, 3}):
+
+        p0 p1 | slots 0-1   slots 2-3          p0 p1 | slots 0-1   slots 2-3
+        0  1  | v0 v1       0  0               1  2  | 0  v0       v1 0
+        0  2  | v0 0        v1 0               1  3  | 0  v0       0  v1
+        0  3  | v0 0        0  v1              2  3  | 0  0        v0 v1
+
+    where selecting whole fp16 values one slot at a time costs several times the
+    instructions (the expansion bounds the decode-size dot path and nm_linear's expand)."""
+    codes = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+    codes = tl.reshape(codes, (BLOCK_N, GROUPS))
+    p0 = codes & 3
+    p1 = codes >> 2
+    zero = tl.zeros_like(pairs)
+    first = tl.where(p0 == 0, tl.where(p1 == 1, pairs, pairs & 0xFFFF),
+                     tl.where(p0 == 1, pairs << 16, zero))  # fmt: skip
+    high_only = pairs & -65536  # 0xFFFF0000
+    second = tl.where(p1 == 2, (pairs >> 16) & 0xFFFF,
+                      tl.where(p1 == 3, tl.where(p0 == 2, pairs, high_only), zero))  # fmt: skip
+    d0 = first.to(tl.int16).to(dtype, bitcast=True)
+    d1 = (first >> 16).to(tl.int16).to(dtype, bitcast=True)
+    d2 = second.to(tl.int16).to(dtype, bitcast=True)
+    d3 = (second >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(_join4(d0, d1, d2, d3), (BLOCK_N, 4 * GROUPS))
+
+
+@triton.jit
+def _dense_tile(values_ptr, words_ptr, offs_n, step, N, K, stride_vn, stride_wn,
+                KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """K-step ``step`` of rows ``offs_n`` of the weight, expanded to dense [BLOCK_N, BLOCK_K]
+    (``PAIRS``: 2:4 in 16 bits, values read as one int32 per group)."""
+    if PAIRS:
+        G: tl.constexpr = BLOCK_K // 4
+        offs_g = step * G + tl.arange(0, G)
+        pairs_ptr = values_ptr.to(tl.pointer_type(tl.int32))
+        pairs = _load_tile(pairs_ptr, offs_n, offs_g, N, K // 4, stride_vn // 2, 1)
+        offs_w = step * (G // 8) + tl.arange(0, G // 8)
+        words = _load_tile(words_ptr, offs_n, offs_w, N, tl.cdiv(K // 4, 8), stride_wn, 1)
+        dense = _expand_24_pairs(pairs, words, BLOCK_N, G, values_ptr.dtype.element_ty)
+    else:
+        values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
+                                         stride_wn, KEEP, GROUP, BITS, BLOCK_K)  # fmt: skip
+        dense = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
+    return dense
+
+
+@triton.jit
 def _epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -378,7 +430,7 @@ def nm_matmul_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MODE: tl.constexpr, GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-    LOOP_STAGES: tl.constexpr = None,
+    LOOP_STAGES: tl.constexpr = None, PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     pid_m, pid_n = _program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -396,13 +448,15 @@ def nm_matmul_kernel(
     for step in tl.range(first_step, last_step, num_stages=LOOP_STAGES):
         offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
-        values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
-                                         stride_wn, KEEP, GROUP, BITS, BLOCK_K)  # fmt: skip
         if MODE == 2:
+            values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K,
+                                             stride_vn, stride_wn, KEEP, GROUP, BITS,
+                                             BLOCK_K)  # fmt: skip
             acc = _gather_products(acc, x, values, words, BLOCK_M, BLOCK_N, BLOCK_K, KEEP,
                                    GROUP, BITS)  # fmt: skip
         else:
-            w = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
+            w = _dense_tile(values_ptr, words_ptr, offs_n, step, N, K, stride_vn, stride_wn,
+                            KEEP, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # fmt: skip
             acc = _accumulate(acc, x, w, MODE, IEEE)
     acc = _finish(acc, MODE)
     if SPLIT_K == 1:
@@ -458,15 +512,14 @@ def dense_matmul_kernel(
 def decompress_kernel(
     values_ptr, words_ptr, out_ptr, N, K, stride_vn, stride_wn, stride_on,
     KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr = False,
 ):  # fmt: skip
     """The dense [N, K] weight, one [BLOCK_N, BLOCK_K] tile per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     step = tl.program_id(1)
     offs_k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-    values, words = _load_compressed(values_ptr, words_ptr, offs_n, step, N, K, stride_vn,
-                                     stride_wn, KEEP, GROUP, BITS, BLOCK_K)  # fmt: skip
-    dense = _expand_nm(values, words, BLOCK_N, BLOCK_K, KEEP, GROUP, BITS)
+    dense = _dense_tile(values_ptr, words_ptr, offs_n, step, N, K, stride_vn, stride_wn, KEEP,
+                        GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # fmt: skip
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], dense,
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))  # fmt: skip
 
@@ -553,6 +606,18 @@ def _split_scratch(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, 
     return partial, arrivals
 
 
+def _reads_pairs(weight: NMWeight) -> bool:
+    """2:4 in a 16-bit dtype whose rows start on 4-byte boundaries: the expansion can read
+    each group's two values as one int32 (``_expand_24_pairs``)."""
+    values = weight.values
+    return (
+        (weight.n, weight.m) == (2, 4)
+        and values.element_size() == 2
+        and values.data_ptr() % 4 == 0
+        and values.stride(0) % 2 == 0
+    )
+
+
 def nm_matmul(
     x: torch.Tensor,
     weight: NMWeight,
@@ -584,7 +649,7 @@ def nm_matmul(
     fixed = {
         "KEEP": weight.n, "GROUP": weight.m, "BITS": weight.bits,
         "HAS_BIAS": bias is not out, "ACTIVATION": ACTIVATIONS[activation],
-        "IEEE": x.dtype == torch.float32,
+        "IEEE": x.dtype == torch.float32, "PAIRS": _reads_pairs(weight),
     }  # fmt: skip
     if options is None:
         _nm_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)
@@ -626,6 +691,7 @@ def decompress(
         weight.values, weight.words, out, n, k,
         weight.values.stride(0), weight.words.stride(0), out.stride(0),
         KEEP=weight.n, GROUP=weight.m, BITS=weight.bits, BLOCK_N=block_n, BLOCK_K=block_k,
+        PAIRS=_reads_pairs(weight),
         num_warps=warps,
     )  # fmt: skip
     return out
