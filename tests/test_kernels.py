@@ -416,3 +416,22 @@ def test_sweep_walks_checks_and_reports_under_the_interpreter():
     assert "best" in benchmark.sweep_text(row, copy_bandwidth=1e12) and logged
     rows = benchmark.sweep_decompress(24, 64, device="cpu", timer=_wall_clock, log=lambda _: 0)
     assert len(rows) == 18 and all("microseconds" in r for r in rows), rows
+
+
+def test_2_4_values_off_a_4_byte_boundary_take_the_per_value_expansion():
+    """The int32 pair reads need each row's values 4-byte aligned; a view one fp16 in (or
+    rows of odd stride) must fall back, not read pairs that straddle groups."""
+    from spa_compiler.kernels.nm_matmul import _reads_pairs, decompress
+
+    rows = torch.from_numpy(_sparse_rows(np.random.default_rng(9), 12, 64, 2, 4)).half()
+    aligned = NMWeight.from_dense(rows, 2, 4)
+    padded = torch.zeros(12, 35, dtype=torch.float16)
+    padded[:, 1:33] = aligned.values
+    shifted = NMWeight(padded[:, 1:33], aligned.words, 2, 4, 64)  # odd offset and odd stride
+    assert _reads_pairs(aligned) and not _reads_pairs(shifted)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float16)
+    for weight in (aligned, shifted):
+        torch.testing.assert_close(decompress(weight), rows, rtol=0, atol=0)
+        for config in (DOT, FMA):
+            _check(nm_matmul(x, weight, out=_poisoned(5, 12, x.dtype), config=config),
+                   reference_matmul(x, rows), torch.float16)  # fmt: skip
