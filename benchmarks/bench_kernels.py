@@ -21,7 +21,7 @@ import sys
 import time
 
 import torch
-from spa_compiler.kernels import benchmark
+from spa_compiler.kernels import benchmark, nm_matmul
 
 from spa_compiler.io import write_atomic
 
@@ -87,6 +87,15 @@ def main() -> int:
             log(benchmark.sweep_text(data["sweep"][-1], data["copy_bandwidth_bytes_per_s"]))
             save(data)
         data["sweep_decompress"] = benchmark.sweep_decompress(8192, 8192, log=log)
+        timed = [r for r in data["sweep_decompress"] if "microseconds" in r]
+        if timed:  # the large-M runs below expand with the fastest blocks found
+            fastest = min(timed, key=lambda r: r["microseconds"])
+            nm_matmul.DECOMPRESS_BLOCKS = tuple(fastest["blocks"])
+            log(f"decompress blocks {nm_matmul.DECOMPRESS_BLOCKS} from now on")
+        torch.cuda.empty_cache()
+        data["sweep_chunks"] = [
+            benchmark.sweep_chunks(4096, size, size, log=log) for size in (8192, 4096)
+        ]
         torch.cuda.empty_cache()
         save(data)
 

@@ -374,6 +374,48 @@ def sweep_decompress(
     return rows
 
 
+def sweep_chunks(
+    m: int, n: int, k: int, dtype: str = "fp16", pattern: tuple[int, int] = (2, 4),
+    chunks=(None, 512, 1024, 2048, 4096), log=print, device: str = "cuda", timer=None,
+) -> dict[str, Any]:  # fmt: skip
+    """``nm_linear``'s large-M path, expanding the whole weight against chunks of rows through
+    one buffer (``chunk_rows``), beside cuBLAS on the dense weight; each checked against
+    float64 (``device``/``timer`` as in ``sweep``)."""
+    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
+    from spa_compiler.kernels.nm_matmul import nm_linear, reference_matmul
+
+    keep, group = pattern
+    torch_dtype = DTYPES[dtype]
+    x = torch.randn(m, k, device=device, dtype=torch_dtype)
+    copies = _copies_to_overflow_l2(n * k * 2) if device == "cuda" else 2
+    timer = timer or (lambda calls: _time_us(calls, "graph"))
+    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
+             for _ in range(copies)]  # fmt: skip
+    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    reference = reference_matmul(x, dense[0])
+    out = torch.empty(m, n, device=device, dtype=torch_dtype)
+    result: dict[str, Any] = {"m": m, "n": n, "k": k, "dtype": dtype, "chunks": []}
+    result["cublas_us"], _ = timer([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])
+    for chunk_rows in chunks:
+        row: dict[str, Any] = {"chunk_rows": chunk_rows}
+        try:
+            y = nm_linear(x, sparse[0], dense_from_m=1, chunk_rows=chunk_rows)
+            _synchronize(x)
+            row["relative_error"] = float((y.double() - reference).norm() / reference.norm())
+            calls = [lambda w=w, c=chunk_rows: nm_linear(x, w, dense_from_m=1, chunk_rows=c)
+                     for w in sparse]  # fmt: skip
+            row["microseconds"], _ = timer(calls)
+            row["speedup_vs_cublas"] = result["cublas_us"] / row["microseconds"]
+            log(f"  expand+cuBLAS M={m} N={n} K={k} chunk_rows={chunk_rows}: "
+                f"{row['microseconds']:.1f} us ({row['speedup_vs_cublas']:.2f}x cuBLAS "
+                f"{result['cublas_us']:.1f} us)")  # fmt: skip
+        except Exception as error:
+            _synchronize(x)
+            row["error"] = f"{type(error).__name__}: {str(error)[:160]}"
+        result["chunks"].append(row)
+    return result
+
+
 def gpu_correctness(seed: int = 0) -> list[dict[str, Any]]:
     """Both kernels on fresh random inputs, outputs poisoned with NaN, against float64:
     fp16 and bf16, 2:4 and 4:8, each product path on small and ragged shapes, with bias and

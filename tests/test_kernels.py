@@ -183,6 +183,17 @@ def test_decompress_and_nm_linear(n, m):
     for dense_from_m in (1, 100):  # the expanded-weight path, then the sparse kernel
         _check(nm_linear(x, weight, bias, "silu", dense_from_m=dense_from_m).float(),
                reference_matmul(x, rows, bias, "silu"), torch.float16)  # fmt: skip
+    # expanded and multiplied a few rows at a time through one buffer; the last chunk short
+    for chunk_rows in (1, 7, 20, 64):
+        for with_bias in (bias, None):
+            _check(nm_linear(x, weight, with_bias, "gelu", dense_from_m=1, chunk_rows=chunk_rows),
+                   reference_matmul(x, rows, with_bias, "gelu"), torch.float16)  # fmt: skip
+    torch.testing.assert_close(decompress(weight, rows=(5, 13)), rows[5:13], rtol=0, atol=0)
+    assert decompress(weight, rows=(4, 4)).shape == (0, m * 24)
+    with pytest.raises(ValueError, match="inside"):
+        decompress(weight, rows=(3, 21))
+    with pytest.raises(ValueError, match="positive"):
+        nm_linear(x, weight, dense_from_m=1, chunk_rows=0)
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
@@ -416,6 +427,10 @@ def test_sweep_walks_checks_and_reports_under_the_interpreter():
     assert "best" in benchmark.sweep_text(row, copy_bandwidth=1e12) and logged
     rows = benchmark.sweep_decompress(24, 64, device="cpu", timer=_wall_clock, log=lambda _: 0)
     assert len(rows) == 18 and all("microseconds" in r for r in rows), rows
+    chunked = benchmark.sweep_chunks(8, 24, 64, chunks=(None, 16), device="cpu",
+                                     timer=_wall_clock, log=lambda _: 0)  # fmt: skip
+    assert [r["chunk_rows"] for r in chunked["chunks"]] == [None, 16]
+    assert all(r["relative_error"] < 1e-2 for r in chunked["chunks"]), chunked
 
 
 def test_2_4_values_off_a_4_byte_boundary_take_the_per_value_expansion():
@@ -428,7 +443,7 @@ def test_2_4_values_off_a_4_byte_boundary_take_the_per_value_expansion():
     padded = torch.zeros(12, 35, dtype=torch.float16)
     padded[:, 1:33] = aligned.values
     shifted = NMWeight(padded[:, 1:33], aligned.words, 2, 4, 64)  # odd offset and odd stride
-    assert _reads_pairs(aligned) and not _reads_pairs(shifted)
+    assert _reads_pairs(2, 4, aligned.values) and not _reads_pairs(2, 4, shifted.values)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float16)
     for weight in (aligned, shifted):
         torch.testing.assert_close(decompress(weight), rows, rtol=0, atol=0)
