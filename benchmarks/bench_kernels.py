@@ -84,7 +84,10 @@ def main() -> int:
             if left <= 5:
                 break
             share = left / (len(targets) - index) if index else left * 0.4
-            data["sweep"].append(benchmark.sweep(m, n, k, budget_s=share, log=log))
+            data["sweep"].append(benchmark.sweep(
+                m, n, k, budget_s=share, log=log,
+                copy_bandwidth=data["copy_bandwidth_bytes_per_s"],
+            ))  # fmt: skip
             torch.cuda.empty_cache()
             log(benchmark.sweep_text(data["sweep"][-1], data["copy_bandwidth_bytes_per_s"]))
             save(data)

@@ -244,9 +244,52 @@ def _autotuned_choice(m: int, n: int, k: int, pattern: tuple[int, int], bits: in
     return None
 
 
+def _sm_clock_hz() -> float | None:
+    """The GPU's maximum SM clock, from torch or nvidia-smi."""
+    import subprocess
+
+    kilohertz = getattr(torch.cuda.get_device_properties(0), "clock_rate", None)
+    if kilohertz:
+        return 1e3 * float(kilohertz)
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+        return 1e6 * float(line.splitlines()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def _floors(m, n, k, dtype, pattern, moved, copy_bandwidth, configs) -> dict[str, Any]:
+    """Why a configuration is as fast as it is: the memory floor (bytes it must move over the
+    copy rate) against the instruction-issue floor of its compiled K loop (``compiled``)."""
+    from spa_compiler.kernels import compiled
+
+    floors: dict[str, Any] = {"memory_us": 1e6 * moved / copy_bandwidth if copy_bandwidth else None}
+    clock = _sm_clock_hz()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    floors["sm_clock_hz"] = clock
+    for config in dict.fromkeys(tuple(c) for c in configs):
+        try:
+            major, minor = torch.cuda.get_device_capability(0)
+            built = compiled.compile_nm(config, pattern, dtype, m=m, capability=10 * major + minor)
+        except Exception as error:  # the report is an explanation, never a reason to stop
+            floors[str(config)] = f"{type(error).__name__}: {str(error)[:160]}"
+            continue
+        floors[str(config)] = {
+            "registers": built.registers, "stack_bytes": built.stack_bytes,
+            "loop_instructions": built.loop_length,
+            "issue_us": compiled.issue_floor_us(built, config, m, n, k, sms, clock)
+            if clock else None,
+        }  # fmt: skip
+    return floors
+
+
 def sweep(
     m: int, n: int, k: int, dtype: str = "fp16", pattern: tuple[int, int] = (2, 4),
     budget_s: float = 60.0, log=print, device: str = "cuda", timer=None,
+    copy_bandwidth: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Coordinate descent over the sparse kernel's blocks at one shape (``tune``), from the
     autotuner's choice; every configuration checked against float64 on a poisoned output
@@ -300,6 +343,9 @@ def sweep(
         start, lambda c: tune.neighbours(c, m, n, k, pattern, bits), measure, budget_s
     )
     moved = sparse[0].nbytes + (m * k + m * n) * element
+    floors = (
+        _floors(m, n, k, dtype, pattern, moved, copy_bandwidth, (start, best)) if x.is_cuda else {}
+    )
     result = {
         "m": m, "n": n, "k": k, "dtype": dtype, "pattern": f"{keep}:{group}",
         "cublas_us": cublas_us, "start": list(start),
@@ -307,7 +353,7 @@ def sweep(
         "best": list(best), "best_us": best_us,
         "speedup_vs_cublas": cublas_us / best_us if best_us else None,
         "bandwidth_bytes_per_s": moved / (best_us * 1e-6) if best_us else None,
-        "history": history, "failures": failures,
+        "history": history, "failures": failures, "floors": floors,
     }  # fmt: skip
     return result  # the caller empties torch's cache once the closures are gone
 
@@ -327,6 +373,13 @@ def sweep_text(row: dict[str, Any], copy_bandwidth: float) -> str:
             f", best {row['best_us']:.1f} us ({row['speedup_vs_cublas']:.2f}x, "
             f"{bandwidth / 1e12:.2f} TB/s = {bandwidth / copy_bandwidth:.0%} of copy) "
             f"with {tuple(row['best'])} after {len(row['history'])} configurations"
+        )
+    floors = row.get("floors") or {}
+    best = floors.get(str(tuple(row["best"])))
+    if floors.get("memory_us") and isinstance(best, dict) and best.get("issue_us"):
+        text += (
+            f"; floors: memory {floors['memory_us']:.1f} us, "
+            f"instruction issue {best['issue_us']:.1f} us"
         )
     return text
 

@@ -201,6 +201,18 @@ def programs(config: tuple, m: int, n: int) -> int:
     return -(-m // block_m) * -(-n // block_n) * split
 
 
+def issue_floor_us(compiled: CompiledKernel, config: tuple, m: int, n: int, k: int,
+                   sms: int, clock_hz: float) -> float:  # fmt: skip
+    """The K loops' time if every SM issued one warp instruction per scheduler (4) per clock:
+    a floor no memory speed can beat. Against the memory floor (bytes over the copy rate) it
+    tells an instruction-bound kernel from a memory-bound one."""
+    block_m, block_n, block_k, *_ = nm_matmul._full(config)
+    tiles = -(-m // block_m) * -(-n // block_n)
+    steps = -(-k // block_k)  # split-K shares a tile's steps among programs: the same total
+    warp_instructions = compiled.loop_length * compiled.warps * steps * tiles
+    return 1e6 * warp_instructions / (sms * 4 * clock_hz)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90, K = N = 8192, fp16")
     print(
