@@ -18,6 +18,9 @@ from spa_compiler.kernels.nm_matmul import MODES, _full, _tile_words
 # fp32 accumulator elements one program may hold: beyond ~16384 (128 registers a thread at
 # 4 warps) a tile spills.
 MAX_ACCUMULATOR = 16384
+# Weight elements (dense positions) one program's K-step covers: 64 KB of fp16 a stage. Larger
+# tiles only add registers, shared memory and compile time at these shapes.
+MAX_TILE = 32768
 LIMITS = {
     "BLOCK_M": (1, 256),
     "BLOCK_N": (8, 256),
@@ -55,6 +58,8 @@ def valid(config: tuple, m: int, n: int, k: int, pattern: tuple[int, int], bits:
     if block_m > max(16, 2 * m) or block_n > max(16, n) or block_k > max(64, k):
         return False
     if split > 1 and (m > 8 or split * block_k > k):
+        return False
+    if block_n * block_k > MAX_TILE:
         return False
     return accumulator_size(config, group) <= MAX_ACCUMULATOR
 
