@@ -97,9 +97,7 @@ class ValidateModel(Pass):
             )
         declared = None if warnings else self.expected_shapes(feeds)
         known = declared
-        if known is not None and any(
-            tuple(shape) != np.shape(result) for shape, result in zip(known, produced, strict=True)
-        ):
+        if known is not None and _first_different(known, produced) is not None:
             known = None  # the declaration may be the author's mistake: ask the original model
         if known is None:
             try:
@@ -116,9 +114,10 @@ class ValidateModel(Pass):
                     " the pruned model runs, its output shapes were not compared"
                 )
                 known = [np.shape(a) for a in produced]
-        for i, (shape, result) in enumerate(zip(known, produced, strict=True)):
-            if tuple(shape) != np.shape(result):
-                raise PassError(f"output {i} changed shape: {tuple(shape)} -> {np.shape(result)}")
+        i = _first_different(known, produced)
+        if i is not None:
+            shape, result = tuple(known[i]), np.shape(produced[i])
+            raise PassError(f"output {i} changed shape: {shape} -> {result}")
         return PassResult(
             model, changed=False, details={"outputs": len(produced), "warnings": warnings}
         )
@@ -127,3 +126,11 @@ class ValidateModel(Pass):
 def _first(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _first_different(shapes: list, arrays: list) -> int | None:
+    """The index of the first array whose shape is not the expected one, or None."""
+    for i, (shape, array) in enumerate(zip(shapes, arrays, strict=True)):
+        if tuple(shape) != np.shape(array):
+            return i
+    return None
