@@ -68,9 +68,18 @@ SMALL_M_CONFIGS = [
     (16, 64, 128, "dot", 4, 3),
 ]  # fmt: skip
 MEDIUM_M_CONFIGS = [
-    (bm, bn, bk, "dot", 4, stages)
-    for bm in (16, 32, 64)
-    for bn, bk, stages in ((32, 128, 4), (64, 128, 3), (128, 64, 3))
+    # Up to 16 rows the product is still memory bound and N / BLOCK_N tiles alone leave SMs
+    # with one or two programs (8192 / 64 = 128 programs for 132 SMs): split-K as for M ≤ 8.
+    *[
+        (16, bn, bk, "dot", 4, stages, split)
+        for bn, bk, stages, split in ((16, 256, 3, 2), (32, 128, 4, 4), (64, 128, 3, 4))
+    ],
+    (16, 16, 256, "dot", 4, 3),
+    *[
+        (bm, bn, bk, "dot", 4, stages)
+        for bm in (16, 32, 64)
+        for bn, bk, stages in ((32, 128, 4), (64, 128, 3), (128, 64, 3))
+    ],
 ]
 LARGE_M_CONFIGS = [
     (128, 128, 64, "dot", 8, 3),
@@ -588,8 +597,8 @@ def _grid(meta: dict, m: int, n: int) -> tuple[int, ...]:
 # outgrown is kept, not freed: a CUDA graph captured earlier may still hold its address.
 _SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
-# Only decode-size M has split-K configurations (SMALL_M_CONFIGS).
-SPLIT_K_UP_TO_M = 8
+# Only decode-size M has split-K configurations (SMALL_M_CONFIGS, 16-row MEDIUM_M_CONFIGS).
+SPLIT_K_UP_TO_M = 16
 
 
 def _split_scratch(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

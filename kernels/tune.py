@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from spa_compiler.kernels.nm_matmul import MODES, _full, _tile_words
+from spa_compiler.kernels.nm_matmul import MODES, SPLIT_K_UP_TO_M, _full, _tile_words
 
 # fp32 accumulator elements one program may hold: beyond ~16384 (128 registers a thread at
 # 4 warps) a tile spills.
@@ -57,7 +57,7 @@ def valid(config: tuple, m: int, n: int, k: int, pattern: tuple[int, int], bits:
             return False
     if block_m > max(16, 2 * m) or block_n > max(16, n) or block_k > max(64, k):
         return False
-    if split > 1 and (m > 8 or split * block_k > k):
+    if split > 1 and (m > SPLIT_K_UP_TO_M or split * block_k > k):
         return False
     if block_n * block_k > MAX_TILE:
         return False
