@@ -167,6 +167,52 @@ def _onnx_inference(skeleton: onnx.ModelProto) -> onnx.ModelProto:
         raise BadInputError(f"ONNX shape inference failed: {first_line}") from None
 
 
+# ai.onnx.ml operators whose output has their input's shape, which ONNX's shape inference
+# leaves unknown (the element type each gives; None: its input's). skl2onnx puts them in
+# front of models (StandardScaler -> Scaler), and without their shape nothing after them
+# could be proven.
+ML_SAME_SHAPE = {
+    "Scaler": onnx.TensorProto.FLOAT,
+    "Normalizer": onnx.TensorProto.FLOAT,
+    "Binarizer": None,
+    "Imputer": None,
+}
+
+
+def _through_ml_operators(inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the outputs of ``ML_SAME_SHAPE`` operators their input's shape and infer again,
+    until no such output is left without one."""
+    graph = inferred.graph
+    outputs = {v.name for v in graph.output}
+    for _ in range(len(graph.node)):
+        known = {
+            v.name: v
+            for v in [*graph.input, *graph.value_info, *graph.output]
+            if v.type.tensor_type.HasField("shape")
+        }
+        added = False
+        for node in graph.node:
+            if node.domain != "ai.onnx.ml" or node.op_type not in ML_SAME_SHAPE:
+                continue
+            if not node.input or not node.output or node.input[0] not in known:
+                continue
+            result = node.output[0]
+            if result in known or result in outputs:
+                continue
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(known[node.input[0]])
+            value.name = result
+            if ML_SAME_SHAPE[node.op_type] is not None:
+                value.type.tensor_type.elem_type = ML_SAME_SHAPE[node.op_type]
+            graph.value_info.append(value)
+            added = True
+        if not added:
+            break
+        inferred = _onnx_inference(inferred)
+        graph = inferred.graph
+    return inferred
+
+
 def _contradicts(inferred: list, declared: list) -> bool:
     """Whether two shapes of one tensor cannot both hold: other ranks, or a dim that both give
     as a number with different values (a name may stand for any number)."""
@@ -226,7 +272,7 @@ class InferShapes(Pass):
             )
             skeleton = _skeleton(graph)
             skeleton.ir_version = model.ir_version
-        inferred = _onnx_inference(skeleton)
+        inferred = _through_ml_operators(_onnx_inference(skeleton))
         values = [*inferred.graph.value_info, *inferred.graph.output]
         symbolic = None
         if self.symbolic and not _all_resolved(inferred):

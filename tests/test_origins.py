@@ -285,23 +285,32 @@ def test_sklearn_zipmap_classifier_oracle():
     assert compile_check(proto, 0.5, 0, criterion="l1") <= TOLERANCE
 
 
-def test_sklearn_pipeline_with_scaler_is_blocked():
-    """Follow-up: StandardScaler converts to ai.onnx.ml Scaler, for which ONNX's shape inference
-    gives no output shape; every shape after it is unknown, so spa proves nothing downstream
-    and blocks the MLP's hidden layer, saying why."""
+@pytest.mark.parametrize(
+    ("step", "operator"),
+    [
+        ("preprocessing.StandardScaler", "Scaler"),
+        ("preprocessing.Normalizer", "Normalizer"),
+        ("preprocessing.Binarizer", "Binarizer"),
+        ("impute.SimpleImputer", "Imputer"),
+    ],
+)
+def test_sklearn_pipeline_behind_a_preprocessing_operator(step, operator):
+    """skl2onnx writes scikit-learn's preprocessing as ai.onnx.ml operators, most of which
+    ONNX's shape inference gives no output shape; spa knows they keep their input's shape, so
+    the MLP behind them prunes like the bare one, exactly."""
     pytest.importorskip("skl2onnx")
+    import importlib
+
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
+    module, name = step.split(".")
     estimator = make_pipeline(
-        StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=30, random_state=0)
+        getattr(importlib.import_module(f"sklearn.{module}"), name)(),
+        MLPClassifier(hidden_layer_sizes=(16,), max_iter=30, random_state=0),
     )
     proto = _convert(estimator, _fit(estimator, "classes"))
-    assert proto.graph.node[0].op_type == "Scaler"
-    analysis = spa_compiler.inspect(proto)
-    assert not analysis.prunable
-    hidden = [g for g in analysis.blocked if g.channels == 16]
-    assert hidden and all("is unknown" in r for g in hidden for r in g.blocked_reasons)
-    reasons = " | ".join(r for g in analysis.blocked for r in g.blocked_reasons)
-    assert "Scaler 'Scaler': shape of 'variable' is unknown" in reasons
+    assert proto.graph.node[0].op_type == operator
+    assert [g.channels for g in spa_compiler.inspect(proto).prunable] == [16]
+    for criterion, ratio in COMPILES:
+        _check_compile(proto, proto, criterion, ratio)
