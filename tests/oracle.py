@@ -181,6 +181,21 @@ def compensation_check(source, ratio: float, seed: int, **options) -> float:
     return worst_relative_error(zeroed, pruned, seed)
 
 
+def _keep_declared_outputs(proto: onnx.ModelProto, source) -> None:
+    """The graph outputs as the source declares them, as spa's export keeps them:
+    onnx-graphsurgeon writes a non-tensor output (skl2onnx's ZipMap, a sequence of maps) as
+    seq(tensor(undefined)), which onnxruntime refuses."""
+    original = (
+        source
+        if isinstance(source, onnx.ModelProto)
+        else onnx.load(str(source), load_external_data=False)
+    )
+    declared = {value.name: value for value in original.graph.output}
+    for value in proto.graph.output:
+        if value.name in declared:
+            value.CopyFrom(declared[value.name])
+
+
 def zero_removed_consumers(source, plan) -> onnx.ModelProto:
     """The prepared original with the consumer-side weights of every removed channel zeroed."""
     import spa_compiler
@@ -194,6 +209,7 @@ def zero_removed_consumers(source, plan) -> onnx.ModelProto:
     analysis = spa_compiler.inspect(prepared, heads=plan.heads)
     groups = check_plan_matches(plan, analysis)
     zeroed = prepared.to_onnx()
+    _keep_declared_outputs(zeroed, source)
     values = _values(zeroed)
     for planned in plan.groups:
         removed = planned.removed
@@ -210,10 +226,18 @@ def zero_removed_consumers(source, plan) -> onnx.ModelProto:
     return zeroed
 
 
+def _as_array(output) -> np.ndarray:
+    """An output as an array; a sequence of maps (skl2onnx's ZipMap) as [rows, sorted keys]."""
+    if isinstance(output, list) and output and isinstance(output[0], dict):
+        return np.array([[row[key] for key in sorted(row)] for row in output])
+    return np.asarray(output)
+
+
 def worst_relative_error(zeroed: onnx.ModelProto, pruned: onnx.ModelProto, seed: int) -> float:
     feeds = random_feeds(zeroed, seed)
     worst = 0.0
     for a, b in zip(run(zeroed, feeds), run(pruned, feeds), strict=True):
+        a, b = _as_array(a), _as_array(b)
         assert np.shape(a) == np.shape(b)
         if not np.issubdtype(np.asarray(a).dtype, np.floating):
             worst = max(worst, float(np.any(a != b)))

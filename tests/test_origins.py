@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from oracle import (
     check_groups,
     compensation_check,
@@ -271,13 +270,6 @@ def test_sklearn_zipmap_classifier():
     assert len(maps) == len(labels) and set(maps[0]) == {0, 1, 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidArgument,
-    reason="follow-up: Model.to_onnx() (onnx-graphsurgeon's export) writes the ZipMap output "
-    "seq(map(int64, tensor(float))) as seq(tensor(undefined)), which onnxruntime refuses "
-    "('Invalid tensor data type 0'); the oracle's zeroed model goes through it",
-)
 def test_sklearn_zipmap_classifier_oracle():
     pytest.importorskip("skl2onnx")
     estimator, targets, _ = _sklearn_cases()["classifier"]
