@@ -2,14 +2,15 @@
 the plan back into PyTorch and fine-tune the smaller model briefly.
 
     python examples/prune_then_finetune.py [--ratio 0.5] [--criterion obspa|l1|l2|snip|random]
-        [--epochs 60] [--finetune-epochs 10] [--seed 0] [--quick]
+        [--compensate] [--epochs 60] [--finetune-epochs 10] [--seed 0] [--quick]
 
 torch module -> ONNX (TorchScript exporter, no constant folding) ->
-spa_compiler.compile(..., compensate=False) -> plan.json -> apply_plan -> fine-tune in torch.
-OBSPA's refit of the kept weights lives in the ONNX model only, so the torch module takes the
-plan without it and fine-tuning does the repair. Data: scikit-learn's bundled digits, the
-split of models/make_digits_cnn.py. Seeded and single-threaded. ``--quick`` trains and
-fine-tunes one epoch each (what the tests run).
+spa_compiler.compile(...) -> plan.json -> apply_plan -> fine-tune in torch. By default the
+compile does not refit the kept weights and fine-tuning does the repair; with
+``--compensate`` (OBSPA's least-squares refit) ``apply_plan(..., pruned=)`` carries the refit
+values into the module too, so fine-tuning starts from the compensated model. Data:
+scikit-learn's bundled digits, the split of models/make_digits_cnn.py. Seeded and
+single-threaded. ``--quick`` trains and fine-tunes one epoch each (what the tests run).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main() -> None:
     parser.add_argument(
         "--criterion", default="obspa", choices=["obspa", "l1", "l2", "snip", "random"]
     )
+    parser.add_argument(
+        "--compensate", action="store_true", help="refit the kept weights and carry the refit"
+    )
     parser.add_argument("--epochs", type=int, default=60, help="dense training")
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,12 +58,13 @@ def main() -> None:
         folder / "trained.onnx",
         ratio=args.ratio,
         criterion=args.criterion,
-        compensate=False,  # the refit is not carried into torch: fine-tuning repairs instead
+        compensate=args.compensate,
         input_range=(0.0, 1.0),  # pixels / 16
         seed=args.seed,
     )
     report.plan.save(folder / "plan.json")
-    apply_plan(net, folder / "plan.json", model=folder / "trained.onnx")
+    apply_plan(net, folder / "plan.json", model=folder / "trained.onnx",
+               pruned=pruned if args.compensate else None)  # fmt: skip
     difference = matches_onnx(net, pruned.SerializeToString(), x_test)
     assert difference < 1e-4, f"the sliced module differs from the pruned ONNX by {difference}"
     pruned_accuracy = accuracy(net, x_test, y_test)

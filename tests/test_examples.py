@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import onnx
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -36,8 +37,9 @@ def test_prune_before_training(tmp_path):
     assert pathlib.Path(result["plan"]).is_file()
 
 
-def test_prune_then_finetune(tmp_path):
-    stdout = run_example("prune_then_finetune.py", "--quick", "--criterion", "l1", cwd=tmp_path)
+@pytest.mark.parametrize("options", [("--criterion", "l1"), ("--compensate",)])
+def test_prune_then_finetune(tmp_path, options):
+    stdout = run_example("prune_then_finetune.py", "--quick", *options, cwd=tmp_path)
     result = _result(stdout)
     assert result["epochs"] == result["finetune_epochs"] == 1
     assert result["macs_kept"] < 0.3

@@ -528,3 +528,41 @@ def test_parts_of_a_chunk_pruned_unevenly_are_warned_about(tmp_path):
     )
     with pytest.warns(spa_compiler.errors.SpaWarning, match="chunk"):
         apply_plan(module, report.plan, model=path)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_obspa_refit_is_carried_with_the_pruned_model(tmp_path, name):
+    """OBSPA compensation refits the weights that read the removed channels; with pruned=
+    (and model=) the module takes those values and equals the compensated ONNX model, which
+    the slicing alone does not."""
+    module, inputs = build(name)
+    path = export(module, inputs, tmp_path / "model.onnx", "torchscript")
+    pruned, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa", round_to=1)
+    assert report.groups_pruned > 0 and report.statistics is not None
+    sliced_only = apply_plan(build(name)[0], report.plan)
+    with pytest.raises(AssertionError):  # the refit is real: slicing alone is not the model
+        assert_same_outputs(sliced_only, inputs, pruned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", spa_compiler.errors.SpaWarning)
+        apply_plan(module, report.plan, model=path, pruned=pruned)
+    assert_same_outputs(module, inputs, pruned)
+    pruned_path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, pruned_path)
+    again, _ = build(name)
+    apply_plan(again, report.plan, model=path, pruned=pruned_path)  # paths work too
+    assert_same_outputs(again, inputs, pruned)
+
+
+def test_a_refit_the_export_changed_is_named_not_carried(tmp_path):
+    """dynamo fuses BatchNorm into the conv before it: the ONNX conv weight is not the
+    module's, so its refit cannot go back; apply_plan says which, and carries the rest."""
+    module, inputs = build("cnn")
+    path = export(module, inputs, tmp_path / "model.onnx", "dynamo")
+    pruned, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa", round_to=1)
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="could not be carried"):
+        apply_plan(module, report.plan, model=path, pruned=pruned)
+    with pytest.raises(spa_compiler.BadInputError, match="needs model="):
+        apply_plan(build("cnn")[0], report.plan, pruned=pruned)
+    other, _ = spa_compiler.compile(path, ratio=0.25, criterion="obspa", round_to=1)
+    with pytest.raises(spa_compiler.BadInputError, match="another plan"):
+        apply_plan(build("cnn")[0], report.plan, model=path, pruned=other)

@@ -18,9 +18,13 @@ spa's own preparation folds small float weights that reach their node through ``
 (at most 4096 elements) into tensors named after that node's output; pass the exported
 ``model`` so those names are traced back through the graph's Transpose / Identity nodes.
 
-Only the kept channels' original values are copied: a compile that refits weights (OBSPA
-compensation, on by default for ``criterion="obspa"``) changes values the plan does not hold,
-so the sliced module equals the pruned ONNX model only for a compile without compensation.
+Only the kept channels' original values are copied, unless ``pruned`` is given: a compile
+that refits weights (OBSPA compensation, on by default for ``criterion="obspa"``) changes
+values the plan does not hold. With ``pruned`` (the compiled model) and ``model`` (with its
+weights), every weight the export stored unchanged under a name of the module — its ONNX
+values equal to the module's before slicing — takes the pruned model's values, refit included;
+a refit weight the export changed (a BatchNorm fused into it, a transposed copy) cannot be
+carried, and a ``SpaWarning`` names it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def apply_plan(
     module: nn.Module,
     plan: Plan | str | os.PathLike[str] | dict[str, Any],
     model: onnx.ModelProto | str | os.PathLike[str] | None = None,
+    pruned: onnx.ModelProto | str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Slice ``module``'s parameters and buffers in place as ``plan`` prunes its ONNX export.
 
@@ -83,6 +88,10 @@ def apply_plan(
     shapes (channels, features, groups, heads) so ``repr`` and ``forward`` work; parameters
     are replaced by new ``Parameter``\\ s with the same dtype, device and ``requires_grad``.
 
+    ``pruned``: the model the plan compiled to (path or ModelProto); its values, OBSPA's refit
+    included, replace the sliced ones wherever the export stored the module's weight unchanged
+    (needs ``model`` with its weights to tell; see the module's docstring).
+
     Raises ``BadInputError`` naming the tensor when a planned weight has no counterpart in the
     module, or when a change cannot be expressed by the module (uneven heads or groups).
     Returns ``module``.
@@ -90,6 +99,12 @@ def apply_plan(
     plan = _as_plan(plan)
     graph = _OnnxGraph(model) if model is not None else None
     slots, by_key = _slots(module)
+    if pruned is not None and model is None:
+        raise BadInputError(
+            "pruned= needs model=, the ONNX model the plan was made from (with its weights): "
+            "only weights it stores as the module holds them can take the pruned values"
+        )
+    exported = _exported_weights(model, slots, by_key) if pruned is not None else {}
     folded_bias: dict[str, set[int]] = defaultdict(set)  # producer module -> removed channels
     for planned in plan.groups:
         channels = planned.removed
@@ -132,6 +147,8 @@ def apply_plan(
         with torch.no_grad():
             changed = _slice(slots)
             _update_modules(module, changed)
+            if pruned is not None:
+                _take_pruned_values(pruned, slots, exported)
     except BaseException:
         for child, cls, attributes, parameters, buffers in snapshot:
             child.__class__ = cls
@@ -143,6 +160,85 @@ def apply_plan(
             child._buffers.update(buffers)
         raise
     return module
+
+
+# --------------------------------------------------------------------------- refit values
+
+
+def _initializers(source: onnx.ModelProto | str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every initializer of a model as an array (held weights of a compile's result and
+    external data included)."""
+    from spa_compiler import ir
+
+    proto = source if isinstance(source, onnx.ModelProto) else ir.read_model_proto(source)
+    held = ir.held_weights(proto)
+    arrays = {}
+    for tensor in proto.graph.initializer:
+        if ir.is_held(tensor):
+            arrays[tensor.name] = np.asarray(held[tensor.name])
+        elif tensor.data_location != onnx.TensorProto.EXTERNAL:
+            arrays[tensor.name] = onnx.numpy_helper.to_array(tensor)
+    return arrays
+
+
+def _exported_weights(
+    model: onnx.ModelProto | str | os.PathLike[str], slots: list[_Slot], by_key: dict[str, int]
+) -> dict[str, tuple[int, np.ndarray, bool]]:
+    """ONNX name -> (slot, original values, whether they are exactly the module's) for every
+    initializer named after a module tensor of its shape, read before slicing."""
+    exported = {}
+    for name, values in _initializers(model).items():
+        if name not in by_key:
+            continue
+        tensor = slots[by_key[name]].tensor.detach().cpu()
+        if tuple(tensor.shape) != values.shape:
+            continue
+        module_values = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        same = np.array_equal(module_values, values.astype(module_values.dtype, copy=False))
+        exported[name] = (by_key[name], values, same)
+    return exported
+
+
+def _sliced(values: np.ndarray, removed: dict[int, set[int]]) -> np.ndarray:
+    for axis, indices in removed.items():
+        values = np.delete(values, sorted(indices), axis=axis)
+    return values
+
+
+def _take_pruned_values(
+    pruned: onnx.ModelProto | str | os.PathLike[str],
+    slots: list[_Slot],
+    exported: dict[str, tuple[int, np.ndarray, bool]],
+) -> None:
+    """Copy the pruned model's values into the sliced module where the export stored the
+    module's weight unchanged; warn about refit weights the export had changed."""
+    lost = []
+    for name, values in _initializers(pruned).items():
+        if name not in exported:
+            continue
+        index, original, same = exported[name]
+        slot = slots[index]
+        if not same:  # refit iff the pruned values are not the export's, sliced
+            sliced = _sliced(original, slot.removed)
+            if sliced.shape != values.shape or not np.array_equal(sliced, values):
+                lost.append(name)
+            continue
+        for _, owner, attribute, _ in slot.owners:
+            current = getattr(owner, attribute)
+            if tuple(current.shape) != values.shape:
+                raise BadInputError(
+                    f"pruned model tensor {name!r} is {list(values.shape)} but the plan makes "
+                    f"the module's {list(current.shape)}: a model compiled with another plan?"
+                )
+            current.copy_(torch.from_numpy(np.array(values)).to(current.dtype))
+    if lost:
+        warnings.warn(
+            f"the pruned values of {len(lost)} weight(s) could not be carried into the module "
+            f"(first: {lost[0]!r}): the export stored them changed (a BatchNorm fused in); "
+            "they keep their sliced original values",
+            SpaWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- plan and names
