@@ -148,7 +148,7 @@ def apply_plan(
             changed = _slice(slots)
             _update_modules(module, changed)
             if pruned is not None:
-                _take_pruned_values(pruned, slots, exported)
+                _take_pruned_values(pruned, slots, exported, graph)
     except BaseException:
         for child, cls, attributes, parameters, buffers in snapshot:
             child.__class__ = cls
@@ -205,32 +205,60 @@ def _sliced(values: np.ndarray, removed: dict[int, set[int]]) -> np.ndarray:
     return values
 
 
+def _traced(
+    name: str, rank: int, graph: _OnnxGraph, exported: dict[str, tuple[int, np.ndarray, bool]]
+) -> tuple[str, list[int]] | None:
+    """The exported module weight an initializer of the pruned model was made from, through
+    the original graph's Identity and Transpose nodes (spa folds small transposed weights into
+    tensors named after the Transpose), and the axis order that makes one the other:
+    ``pruned = np.transpose(weight, order)``."""
+    order = list(range(rank))
+    for _ in range(16):
+        if name in exported:
+            return name, order
+        node = graph.producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Transpose") or not node.input:
+            return None
+        if node.op_type == "Transpose":
+            perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+            step = perm[0] if perm else list(reversed(range(rank)))
+            order = [step[axis] for axis in order]
+        name = node.input[0]
+    return None
+
+
 def _take_pruned_values(
     pruned: onnx.ModelProto | str | os.PathLike[str],
     slots: list[_Slot],
     exported: dict[str, tuple[int, np.ndarray, bool]],
+    graph: _OnnxGraph,
 ) -> None:
     """Copy the pruned model's values into the sliced module where the export stored the
-    module's weight unchanged; warn about refit weights the export had changed."""
+    module's weight unchanged (directly or through Transpose); warn about refit weights the
+    export had changed."""
     lost = []
     for name, values in _initializers(pruned).items():
-        if name not in exported:
+        traced = _traced(name, values.ndim, graph, exported)
+        if traced is None:
             continue
-        index, original, same = exported[name]
+        key, order = traced
+        index, original, same = exported[key]
         slot = slots[index]
+        as_module = np.transpose(values, np.argsort(order))
         if not same:  # refit iff the pruned values are not the export's, sliced
             sliced = _sliced(original, slot.removed)
-            if sliced.shape != values.shape or not np.array_equal(sliced, values):
+            if sliced.shape != as_module.shape or not np.array_equal(sliced, as_module):
                 lost.append(name)
             continue
         for _, owner, attribute, _ in slot.owners:
             current = getattr(owner, attribute)
-            if tuple(current.shape) != values.shape:
+            if tuple(current.shape) != as_module.shape:
                 raise BadInputError(
                     f"pruned model tensor {name!r} is {list(values.shape)} but the plan makes "
-                    f"the module's {list(current.shape)}: a model compiled with another plan?"
+                    f"the module's {key!r} {list(current.shape)}: a model compiled with "
+                    "another plan?"
                 )
-            current.copy_(torch.from_numpy(np.array(values)).to(current.dtype))
+            current.copy_(torch.from_numpy(np.array(as_module)).to(current.dtype))
     if lost:
         warnings.warn(
             f"the pruned values of {len(lost)} weight(s) could not be carried into the module "
