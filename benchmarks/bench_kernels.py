@@ -64,6 +64,18 @@ def main() -> int:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
 
+    def extra(what: str, function, *args, **kwargs):
+        """A search is an extra: its failure is logged and recorded, never the end of the run
+        (the issue's table comes after it)."""
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            log(f"{what} failed: {type(error).__name__}: {error}")
+            data.setdefault("extra_failures", []).append(f"{what}: {type(error).__name__}")
+            return None
+        finally:
+            torch.cuda.empty_cache()
+
     checks = benchmark.gpu_correctness()
     failed = [c for c in checks if not c["ok"]]
     worst = max(c["relative_error"] for c in checks)
@@ -84,24 +96,26 @@ def main() -> int:
             if left <= 5:
                 break
             share = left / (len(targets) - index) if index else left * 0.4
-            data["sweep"].append(benchmark.sweep(
-                m, n, k, budget_s=share, log=log,
+            searched = extra(
+                f"sweep M={m} N={n} K={k}", benchmark.sweep, m, n, k, budget_s=share, log=log,
                 copy_bandwidth=data["copy_bandwidth_bytes_per_s"],
-            ))  # fmt: skip
-            torch.cuda.empty_cache()
-            log(benchmark.sweep_text(data["sweep"][-1], data["copy_bandwidth_bytes_per_s"]))
+            )  # fmt: skip
+            if searched is not None:
+                data["sweep"].append(searched)
+                log(benchmark.sweep_text(searched, data["copy_bandwidth_bytes_per_s"]))
             save(data)
-        data["sweep_decompress"] = benchmark.sweep_decompress(8192, 8192, log=log)
+        data["sweep_decompress"] = (
+            extra("decompress blocks", benchmark.sweep_decompress, 8192, 8192, log=log) or []
+        )
         timed = [r for r in data["sweep_decompress"] if "microseconds" in r]
         if timed:  # the large-M runs below expand with the fastest blocks found
             fastest = min(timed, key=lambda r: r["microseconds"])
             nm_matmul.DECOMPRESS_BLOCKS = tuple(fastest["blocks"])
             log(f"decompress blocks {nm_matmul.DECOMPRESS_BLOCKS} from now on")
-        torch.cuda.empty_cache()
         data["sweep_chunks"] = [
-            benchmark.sweep_chunks(4096, size, size, log=log) for size in (8192, 4096)
+            extra(f"chunked expand {size}", benchmark.sweep_chunks, 4096, size, size, log=log)
+            for size in (8192, 4096)
         ]
-        torch.cuda.empty_cache()
         save(data)
 
     # The timings' budget starts here (after the checks and the search): the issue's fp16 2:4
