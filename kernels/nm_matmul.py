@@ -218,6 +218,11 @@ def _join4(s0, s1, s2, s3):
 
 
 @triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _expand_nm(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr,
                GROUP: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
     """[BLOCK_N, BLOCK_K·KEEP/GROUP] kept values + packed positions -> the dense
@@ -250,12 +255,17 @@ def _expand_nm(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KEEP
         d7 = tl.where(p3 == 7, v3, zero)
         dense = tl.join(_join4(d0, d2, d4, d6), _join4(d1, d3, d5, d7))
     else:
-        # Any other pattern: each slot sums the kept values whose position names it (positions
-        # in a group are distinct, so the sum has one term).
-        kept = tl.reshape(values, (BLOCK_N, G, KEEP))
+        # Any other pattern: each slot ORs the bits of the kept values whose position names it
+        # (positions in a group are distinct, so one term is not zero): a float sum would turn
+        # a kept -0.0 into +0.0 (-0.0 + 0.0) and quiet NaNs, where the expansion must
+        # reproduce the weight bit for bit.
+        if values.dtype.primitive_bitwidth == 16:
+            kept = tl.reshape(values, (BLOCK_N, G, KEEP)).to(tl.int16, bitcast=True)
+        else:
+            kept = tl.reshape(values, (BLOCK_N, G, KEEP)).to(tl.int32, bitcast=True)
         slots = tl.arange(0, GROUP)[None, None, None, :]
-        chosen = tl.where(positions[:, :, :, None] == slots, kept[:, :, :, None], 0.0)
-        dense = tl.sum(chosen, axis=2)
+        chosen = tl.where(positions[:, :, :, None] == slots, kept[:, :, :, None], 0)
+        dense = tl.reduce(chosen, 2, _bitwise_or).to(values.dtype, bitcast=True)
     return tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(values.dtype)
 
 

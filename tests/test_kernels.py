@@ -22,6 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest set
 from spa_compiler.kernels import nm_layout  # noqa: E402
 from spa_compiler.kernels.nm_layout import NMWeight  # noqa: E402
 from spa_compiler.kernels.nm_matmul import (  # noqa: E402
+    decompress,
     dense_matmul,
     nm_matmul,
     reference_matmul,
@@ -450,3 +451,26 @@ def test_2_4_values_off_a_4_byte_boundary_take_the_per_value_expansion():
         for config in (DOT, FMA):
             _check(nm_matmul(x, weight, out=_poisoned(5, 12, x.dtype), config=config),
                    reference_matmul(x, rows), torch.float16)  # fmt: skip
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decompress_is_bit_exact_for_negative_zero_and_nan_payloads(n, m, dtype):
+    """Every pattern's expansion reproduces the kept bits: a kept -0.0 (a group of zeros keeps
+    them at its lowest positions) stays -0.0 and a NaN keeps its payload, as in to_dense —
+    where summing a slot's candidates as floats gave +0.0 and quieted signalling NaNs."""
+    rows, k = 5, 8 * m
+    dense = torch.zeros(rows, k, dtype=dtype)
+    dense[:, 0] = -0.0  # group 0 holds only zeros: its lowest positions are kept, -0.0 first
+    dense[:, 2 * m + 2 :: m] = torch.randn(rows, k // m - 2).to(dtype)  # one value per group
+    raw = _bits(dense)  # group 1: a NaN with a payload at its last position (fp32: signalling)
+    raw[:, 2 * m - 1] = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC1}.get(dtype, 0x7F800123)
+    weight = NMWeight.from_dense(dense, n, m)
+    expected = weight.to_dense()
+    assert bool((_bits(expected)[:, 0] == _bits(dense)[:, 0]).all())  # -0.0 is kept
+    for blocks in (None, (8, 128, 4)):
+        assert torch.equal(_bits(decompress(weight, blocks=blocks)), _bits(expected))
