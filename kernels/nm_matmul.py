@@ -31,6 +31,7 @@ kernels; the tests run every path under Triton's CPU interpreter on small and ra
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -550,12 +551,33 @@ def interpreting() -> bool:
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "dot"}
 
 
+def _positive_int(value) -> bool:
+    try:
+        return not isinstance(value, bool) and operator.index(value) > 0
+    except TypeError:
+        return False
+
+
+def _power_of_two(value) -> bool:
+    return _positive_int(value) and value & (value - 1) == 0
+
+
 def _launch_options(config: dict | None) -> dict | None:
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is None:
         return None
+    missing = [name for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE") if name not in config]
+    if missing:
+        raise ValueError(f"config lacks {', '.join(missing)}")
     options = {"GROUP_SIZE_M": GROUP_SIZE_M, **config}
+    # tl.arange and the tiles' reshapes need powers of two (and a zero block never ends)
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if not _power_of_two(options[name]):
+            raise ValueError(f"{name} must be a power of two, not {options[name]!r}")
+    if not _positive_int(options.get("SPLIT_K", 1)):
+        # SPLIT_K = 0 launched a grid with no programs: out came back unwritten
+        raise ValueError(f"SPLIT_K must be a positive integer, not {options['SPLIT_K']!r}")
     options.setdefault("LOOP_STAGES", options.get("num_stages", DEFAULT_STAGES))
     if options["MODE"] not in MODES:
         raise ValueError(f"MODE must be one of {sorted(MODES)}, not {options['MODE']!r}")
@@ -705,6 +727,8 @@ def decompress(
     if blocks is None:
         blocks = (16, 64, 4) if interpreting() else DECOMPRESS_BLOCKS
     block_n, block_k, warps = blocks
+    if not all(_power_of_two(b) for b in blocks):
+        raise ValueError(f"blocks (BLOCK_N, BLOCK_K, warps) must be powers of two, not {blocks}")
     block_k = _whole_words(block_k, weight.n, weight.m, weight.bits)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     decompress_kernel[grid](

@@ -474,3 +474,22 @@ def test_decompress_is_bit_exact_for_negative_zero_and_nan_payloads(n, m, dtype)
     assert bool((_bits(expected)[:, 0] == _bits(dense)[:, 0]).all())  # -0.0 is kept
     for blocks in (None, (8, 128, 4)):
         assert torch.equal(_bits(decompress(weight, blocks=blocks)), _bits(expected))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"SPLIT_K": 0}, {"SPLIT_K": -2}, {"BLOCK_K": 96}, {"BLOCK_N": 12}, {"BLOCK_M": 0},
+     {"BLOCK_M": 3}, {"BLOCK_K": 0}, {"MODE": None}],
+)  # fmt: skip
+def test_configs_the_kernel_cannot_run_are_refused(change):
+    """SPLIT_K = 0 launched no program and returned out unwritten; blocks that are not powers
+    of two (BLOCK_K = 96 holds whole 2:4 words) failed inside Triton; no MODE was a KeyError."""
+    weight = NMWeight.from_dense(torch.randn(8, 64), 2, 4, prune=True)
+    config = {**FMA, **change}
+    if change == {"MODE": None}:
+        del config["MODE"]
+    with pytest.raises(ValueError):
+        nm_matmul(torch.randn(2, 64), weight, out=_poisoned(2, 8, torch.float32), config=config)
+    for blocks in ((12, 64, 4), (16, 96, 4), (16, 0, 4), (16, 64, 3)):
+        with pytest.raises(ValueError, match="powers of two"):
+            decompress(weight, blocks=blocks)
