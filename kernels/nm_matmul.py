@@ -757,6 +757,8 @@ def nm_linear(
     expanding whole and cuBLAS took 1.09x cuBLAS's time). None: the whole weight at once."""
     if x.shape[0] < dense_from_m:
         return nm_matmul(x, weight, bias, activation)
+    if weight.values.dtype != x.dtype:  # as nm_matmul: not torch's error, nor decompress's
+        raise ValueError(f"x is {x.dtype} but the weight is {weight.values.dtype}")
     _check_inputs(x, weight.k, weight.rows, bias, None, activation)
     n = weight.rows
     if chunk_rows is None or chunk_rows >= n:

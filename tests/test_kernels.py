@@ -493,3 +493,15 @@ def test_configs_the_kernel_cannot_run_are_refused(change):
     for blocks in ((12, 64, 4), (16, 96, 4), (16, 0, 4), (16, 64, 3)):
         with pytest.raises(ValueError, match="powers of two"):
             decompress(weight, blocks=blocks)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_nm_linear_large_m_refuses_a_weight_of_another_dtype(chunk_rows):
+    """The expand-and-cuBLAS path raised torch's RuntimeError (whole) or decompress's 'out
+    must be a row-major ... tensor' (chunks) where the small-M path names the mismatch."""
+    from spa_compiler.kernels.nm_matmul import nm_linear
+
+    weight = NMWeight.from_dense(torch.randn(8, 64), 2, 4, prune=True)
+    with pytest.raises(ValueError, match="but the weight is"):
+        nm_linear(torch.randn(4, 64, dtype=torch.float16), weight, dense_from_m=1,
+                  chunk_rows=chunk_rows)  # fmt: skip
