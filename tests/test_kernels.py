@@ -505,3 +505,21 @@ def test_nm_linear_large_m_refuses_a_weight_of_another_dtype(chunk_rows):
     with pytest.raises(ValueError, match="but the weight is"):
         nm_linear(torch.randn(4, 64, dtype=torch.float16), weight, dense_from_m=1,
                   chunk_rows=chunk_rows)  # fmt: skip
+
+
+def test_sweep_starts_from_the_choice_for_its_own_dtype(monkeypatch):
+    """Triton's autotuning key ends with the tensor arguments' dtypes: a bf16 sweep at a shape
+    an fp16 run tuned first must start from the bf16 choice, not the first key that matches."""
+    import triton
+    from spa_compiler.kernels import benchmark, nm_matmul
+
+    def entry(block_n, dtype):
+        config = triton.Config({"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "MODE": 2,
+                                "SPLIT_K": 1}, num_warps=4, num_stages=3)  # fmt: skip
+        return (1, 64, 64, 2, 4, 2, dtype, dtype, "torch.int32"), config
+
+    cache = dict([entry(16, "torch.float16"), entry(32, "torch.bfloat16")])
+    monkeypatch.setattr(nm_matmul._nm_matmul_tuned, "cache", cache, raising=False)
+    chosen = benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.bfloat16)
+    assert chosen == (1, 32, 512, "gather", 4, 3, 1)
+    assert benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.float16)[1] == 16
