@@ -523,3 +523,27 @@ def test_sweep_starts_from_the_choice_for_its_own_dtype(monkeypatch):
     chosen = benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.bfloat16)
     assert chosen == (1, 32, 512, "gather", 4, 3, 1)
     assert benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.float16)[1] == 16
+
+
+def test_compile_report_marks_only_what_the_jit_would_as_divisible_by_16(monkeypatch):
+    """The JIT specialises an i32 argument as divisible by 16 only when it is: M = 4 is not
+    (the report for M = 4 had it so, and ptxas gave those tiles other registers and spills)."""
+    from spa_compiler.kernels import compiled
+
+    seen = {}
+
+    class StopCompileError(Exception):
+        pass
+
+    def capture(source, target=None, options=None):
+        seen["divisible"] = {source.fn.arg_names[i[0]] for i in source.attrs}
+        raise StopCompileError
+
+    monkeypatch.setattr(compiled.triton, "compile", capture)
+    for m, expected in ((4, False), (16, True), (64, True)):
+        with pytest.raises(StopCompileError):
+            compiled.compile_nm((4, 16, 256, "gather", 4, 3), m=m)
+        assert ("M" in seen["divisible"]) is expected and "N" in seen["divisible"]
+        with pytest.raises(StopCompileError):
+            compiled.compile_dense((16, 32, 128, "dot", 4, 3), m=m)
+        assert ("M" in seen["divisible"]) is expected
