@@ -229,12 +229,16 @@ def _config_dict(config: tuple) -> dict[str, Any]:
             "SPLIT_K": split, "num_warps": warps, "num_stages": stages}  # fmt: skip
 
 
-def _autotuned_choice(m: int, n: int, k: int, pattern: tuple[int, int], bits: int) -> tuple | None:
-    """The configuration the autotuner chose for this shape, as a 7-tuple, if it has run."""
+def _autotuned_choice(m: int, n: int, k: int, pattern: tuple[int, int], bits: int,
+                      dtype: torch.dtype | None = None) -> tuple | None:  # fmt: skip
+    """The configuration the autotuner chose for this shape (and x's ``dtype``: Triton's key
+    appends the tensor arguments' dtypes, x's first), as a 7-tuple, if it has run."""
     import triton
     from spa_compiler.kernels.nm_matmul import MODES, tuned_config
 
     wanted = (triton.next_power_of_2(m), n, k, *pattern, bits)
+    if dtype is not None:
+        wanted = (*wanted, str(dtype))
     names = {v: k for k, v in MODES.items()}
     for key, chosen in tuned_config("nm").items():
         if tuple(key[: len(wanted)]) == wanted:
@@ -314,7 +318,7 @@ def sweep(
     cublas_us, _ = timer([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])
     nm_matmul(x, sparse[0], out=out)  # the autotuner's choice is the start
     bits = sparse[0].bits
-    start = _autotuned_choice(m, n, k, pattern, bits) or _full(_configs_for(m)[0])
+    start = _autotuned_choice(m, n, k, pattern, bits, torch_dtype) or _full(_configs_for(m)[0])
     failures: dict[str, str] = {}
 
     def measure(config: tuple) -> float | None:

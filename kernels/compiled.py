@@ -120,11 +120,14 @@ def _loop_instructions(cubin: bytes) -> dict[str, int]:
 
 
 def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int,
-             capability: int) -> CompiledKernel:  # fmt: skip
+             capability: int, known: dict | None = None) -> CompiledKernel:  # fmt: skip
     """Compile ``kernel`` as the JIT would for these arguments: pointers and sizes divisible
-    by 16 (the shapes spa times), arguments equal to 1 folded into constants."""
+    by 16 (the shapes spa times) unless ``known`` gives a value that is not, arguments equal
+    to 1 folded into constants."""
     full = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-    divisible = [name for name, kind in signature.items() if name not in constants]
+    known = known or {}
+    divisible = [name for name in signature
+                 if name not in constants and known.get(name, 16) % 16 == 0]  # fmt: skip
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constants,
                                        attrs=attrs)  # fmt: skip
@@ -139,6 +142,12 @@ def _compile(kernel, signature: dict, constants: dict, warps: int, stages: int,
     registers, stack = _resources(compiled.asm["cubin"])
     return CompiledKernel(registers, stack, compiled.metadata.shared, warps, loads,
                           _loop_instructions(compiled.asm["cubin"]))  # fmt: skip
+
+
+def _rows(m: int) -> dict:
+    """M and its bucket as the JIT sees them: M = 4 is an i32 not divisible by 16 (marking it
+    so changed the registers and spills ptxas gave the M = 4 tiles)."""
+    return {"M": m, "M_BUCKET": triton.next_power_of_2(m)}
 
 
 def compile_nm(config: tuple, pattern: tuple[int, int] = (2, 4), dtype: str = "fp16",
@@ -165,7 +174,8 @@ def compile_nm(config: tuple, pattern: tuple[int, int] = (2, 4), dtype: str = "f
     }  # fmt: skip
     if m == 1:
         constants.update(M=1, M_BUCKET=1)
-    return _compile(nm_matmul.nm_matmul_kernel, signature, constants, warps, stages, capability)
+    return _compile(nm_matmul.nm_matmul_kernel, signature, constants, warps, stages, capability,
+                    _rows(m))  # fmt: skip
 
 
 def compile_dense(config: tuple, dtype: str = "fp16", m: int = 1,
@@ -186,7 +196,8 @@ def compile_dense(config: tuple, dtype: str = "fp16", m: int = 1,
     }  # fmt: skip
     if m == 1:
         constants.update(M=1, M_BUCKET=1)
-    return _compile(nm_matmul.dense_matmul_kernel, signature, constants, warps, stages, capability)
+    return _compile(nm_matmul.dense_matmul_kernel, signature, constants, warps, stages,
+                    capability, _rows(m))  # fmt: skip
 
 
 def kept_per_step(config: tuple, pattern: tuple[int, int]) -> int:

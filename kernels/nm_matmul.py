@@ -31,6 +31,7 @@ kernels; the tests run every path under Triton's CPU interpreter on small and ra
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -227,6 +228,11 @@ def _join4(s0, s1, s2, s3):
 
 
 @triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _expand_nm(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KEEP: tl.constexpr,
                GROUP: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
     """[BLOCK_N, BLOCK_K·KEEP/GROUP] kept values + packed positions -> the dense
@@ -259,12 +265,17 @@ def _expand_nm(values, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KEEP
         d7 = tl.where(p3 == 7, v3, zero)
         dense = tl.join(_join4(d0, d2, d4, d6), _join4(d1, d3, d5, d7))
     else:
-        # Any other pattern: each slot sums the kept values whose position names it (positions
-        # in a group are distinct, so the sum has one term).
-        kept = tl.reshape(values, (BLOCK_N, G, KEEP))
+        # Any other pattern: each slot ORs the bits of the kept values whose position names it
+        # (positions in a group are distinct, so one term is not zero): a float sum would turn
+        # a kept -0.0 into +0.0 (-0.0 + 0.0) and quiet NaNs, where the expansion must
+        # reproduce the weight bit for bit.
+        if values.dtype.primitive_bitwidth == 16:
+            kept = tl.reshape(values, (BLOCK_N, G, KEEP)).to(tl.int16, bitcast=True)
+        else:
+            kept = tl.reshape(values, (BLOCK_N, G, KEEP)).to(tl.int32, bitcast=True)
         slots = tl.arange(0, GROUP)[None, None, None, :]
-        chosen = tl.where(positions[:, :, :, None] == slots, kept[:, :, :, None], 0.0)
-        dense = tl.sum(chosen, axis=2)
+        chosen = tl.where(positions[:, :, :, None] == slots, kept[:, :, :, None], 0)
+        dense = tl.reduce(chosen, 2, _bitwise_or).to(values.dtype, bitcast=True)
     return tl.reshape(dense, (BLOCK_N, BLOCK_K)).to(values.dtype)
 
 
@@ -549,12 +560,33 @@ def interpreting() -> bool:
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "dot"}
 
 
+def _positive_int(value) -> bool:
+    try:
+        return not isinstance(value, bool) and operator.index(value) > 0
+    except TypeError:
+        return False
+
+
+def _power_of_two(value) -> bool:
+    return _positive_int(value) and value & (value - 1) == 0
+
+
 def _launch_options(config: dict | None) -> dict | None:
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is None:
         return None
+    missing = [name for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE") if name not in config]
+    if missing:
+        raise ValueError(f"config lacks {', '.join(missing)}")
     options = {"GROUP_SIZE_M": GROUP_SIZE_M, **config}
+    # tl.arange and the tiles' reshapes need powers of two (and a zero block never ends)
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if not _power_of_two(options[name]):
+            raise ValueError(f"{name} must be a power of two, not {options[name]!r}")
+    if not _positive_int(options.get("SPLIT_K", 1)):
+        # SPLIT_K = 0 launched a grid with no programs: out came back unwritten
+        raise ValueError(f"SPLIT_K must be a positive integer, not {options['SPLIT_K']!r}")
     options.setdefault("LOOP_STAGES", options.get("num_stages", DEFAULT_STAGES))
     if options["MODE"] not in MODES:
         raise ValueError(f"MODE must be one of {sorted(MODES)}, not {options['MODE']!r}")
@@ -704,6 +736,8 @@ def decompress(
     if blocks is None:
         blocks = (16, 64, 4) if interpreting() else DECOMPRESS_BLOCKS
     block_n, block_k, warps = blocks
+    if not all(_power_of_two(b) for b in blocks):
+        raise ValueError(f"blocks (BLOCK_N, BLOCK_K, warps) must be powers of two, not {blocks}")
     block_k = _whole_words(block_k, weight.n, weight.m, weight.bits)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     decompress_kernel[grid](
@@ -732,6 +766,8 @@ def nm_linear(
     expanding whole and cuBLAS took 1.09x cuBLAS's time). None: the whole weight at once."""
     if x.shape[0] < dense_from_m:
         return nm_matmul(x, weight, bias, activation)
+    if weight.values.dtype != x.dtype:  # as nm_matmul: not torch's error, nor decompress's
+        raise ValueError(f"x is {x.dtype} but the weight is {weight.values.dtype}")
     _check_inputs(x, weight.k, weight.rows, bias, None, activation)
     n = weight.rows
     if chunk_rows is None or chunk_rows >= n:

@@ -22,6 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest set
 from spa_compiler.kernels import nm_layout  # noqa: E402
 from spa_compiler.kernels.nm_layout import NMWeight  # noqa: E402
 from spa_compiler.kernels.nm_matmul import (  # noqa: E402
+    decompress,
     dense_matmul,
     nm_matmul,
     reference_matmul,
@@ -450,3 +451,99 @@ def test_2_4_values_off_a_4_byte_boundary_take_the_per_value_expansion():
         for config in (DOT, FMA):
             _check(nm_matmul(x, weight, out=_poisoned(5, 12, x.dtype), config=config),
                    reference_matmul(x, rows), torch.float16)  # fmt: skip
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_decompress_is_bit_exact_for_negative_zero_and_nan_payloads(n, m, dtype):
+    """Every pattern's expansion reproduces the kept bits: a kept -0.0 (a group of zeros keeps
+    them at its lowest positions) stays -0.0 and a NaN keeps its payload, as in to_dense —
+    where summing a slot's candidates as floats gave +0.0 and quieted signalling NaNs."""
+    rows, k = 5, 8 * m
+    dense = torch.zeros(rows, k, dtype=dtype)
+    dense[:, 0] = -0.0  # group 0 holds only zeros: its lowest positions are kept, -0.0 first
+    dense[:, 2 * m + 2 :: m] = torch.randn(rows, k // m - 2).to(dtype)  # one value per group
+    raw = _bits(dense)  # group 1: a NaN with a payload at its last position (fp32: signalling)
+    raw[:, 2 * m - 1] = {torch.float16: 0x7E01, torch.bfloat16: 0x7FC1}.get(dtype, 0x7F800123)
+    weight = NMWeight.from_dense(dense, n, m)
+    expected = weight.to_dense()
+    assert bool((_bits(expected)[:, 0] == _bits(dense)[:, 0]).all())  # -0.0 is kept
+    for blocks in (None, (8, 128, 4)):
+        assert torch.equal(_bits(decompress(weight, blocks=blocks)), _bits(expected))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"SPLIT_K": 0}, {"SPLIT_K": -2}, {"BLOCK_K": 96}, {"BLOCK_N": 12}, {"BLOCK_M": 0},
+     {"BLOCK_M": 3}, {"BLOCK_K": 0}, {"MODE": None}],
+)  # fmt: skip
+def test_configs_the_kernel_cannot_run_are_refused(change):
+    """SPLIT_K = 0 launched no program and returned out unwritten; blocks that are not powers
+    of two (BLOCK_K = 96 holds whole 2:4 words) failed inside Triton; no MODE was a KeyError."""
+    weight = NMWeight.from_dense(torch.randn(8, 64), 2, 4, prune=True)
+    config = {**FMA, **change}
+    if change == {"MODE": None}:
+        del config["MODE"]
+    with pytest.raises(ValueError):
+        nm_matmul(torch.randn(2, 64), weight, out=_poisoned(2, 8, torch.float32), config=config)
+    for blocks in ((12, 64, 4), (16, 96, 4), (16, 0, 4), (16, 64, 3)):
+        with pytest.raises(ValueError, match="powers of two"):
+            decompress(weight, blocks=blocks)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_nm_linear_large_m_refuses_a_weight_of_another_dtype(chunk_rows):
+    """The expand-and-cuBLAS path raised torch's RuntimeError (whole) or decompress's 'out
+    must be a row-major ... tensor' (chunks) where the small-M path names the mismatch."""
+    from spa_compiler.kernels.nm_matmul import nm_linear
+
+    weight = NMWeight.from_dense(torch.randn(8, 64), 2, 4, prune=True)
+    with pytest.raises(ValueError, match="but the weight is"):
+        nm_linear(torch.randn(4, 64, dtype=torch.float16), weight, dense_from_m=1,
+                  chunk_rows=chunk_rows)  # fmt: skip
+
+
+def test_sweep_starts_from_the_choice_for_its_own_dtype(monkeypatch):
+    """Triton's autotuning key ends with the tensor arguments' dtypes: a bf16 sweep at a shape
+    an fp16 run tuned first must start from the bf16 choice, not the first key that matches."""
+    import triton
+    from spa_compiler.kernels import benchmark, nm_matmul
+
+    def entry(block_n, dtype):
+        config = triton.Config({"BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": 512, "MODE": 2,
+                                "SPLIT_K": 1}, num_warps=4, num_stages=3)  # fmt: skip
+        return (1, 64, 64, 2, 4, 2, dtype, dtype, "torch.int32"), config
+
+    cache = dict([entry(16, "torch.float16"), entry(32, "torch.bfloat16")])
+    monkeypatch.setattr(nm_matmul._nm_matmul_tuned, "cache", cache, raising=False)
+    chosen = benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.bfloat16)
+    assert chosen == (1, 32, 512, "gather", 4, 3, 1)
+    assert benchmark._autotuned_choice(1, 64, 64, (2, 4), 2, torch.float16)[1] == 16
+
+
+def test_compile_report_marks_only_what_the_jit_would_as_divisible_by_16(monkeypatch):
+    """The JIT specialises an i32 argument as divisible by 16 only when it is: M = 4 is not
+    (the report for M = 4 had it so, and ptxas gave those tiles other registers and spills)."""
+    from spa_compiler.kernels import compiled
+
+    seen = {}
+
+    class StopCompileError(Exception):
+        pass
+
+    def capture(source, target=None, options=None):
+        seen["divisible"] = {source.fn.arg_names[i[0]] for i in source.attrs}
+        raise StopCompileError
+
+    monkeypatch.setattr(compiled.triton, "compile", capture)
+    for m, expected in ((4, False), (16, True), (64, True)):
+        with pytest.raises(StopCompileError):
+            compiled.compile_nm((4, 16, 256, "gather", 4, 3), m=m)
+        assert ("M" in seen["divisible"]) is expected and "N" in seen["divisible"]
+        with pytest.raises(StopCompileError):
+            compiled.compile_dense((16, 32, 128, "dot", 4, 3), m=m)
+        assert ("M" in seen["divisible"]) is expected
