@@ -13,7 +13,9 @@ configuration by the autotuner:
 - ``gather`` (2:4 and 4:8): no expansion at all — each kept value picks its activation with
   selects among the few slots its position can name (positions ascend inside a group, so in 2:4
   p0 ∈ {0,1,2} and p1 ∈ {1,2,3}), and only K·N/M multiply-adds are done. For M = 1 this halves
-  the arithmetic, which is what a GEMV at full memory bandwidth cannot afford.
+  the arithmetic, which is what a GEMV at full memory bandwidth cannot afford. It never
+  multiplies a pruned weight: an inf or NaN in x where the weight is pruned does not reach the
+  output, where the dense product (and the ``dot``/``fma`` paths, 0 · inf) gives NaN.
 
 Every K loop is a ``tl.range(..., num_stages=LOOP_STAGES)``: a kernel's ``num_stages`` only
 software-pipelines loads that feed ``tl.dot``, so the ``gather`` and ``fma`` paths — the
@@ -614,8 +616,10 @@ def _check_inputs(x: torch.Tensor, k: int, n: int, bias, out, activation: str) -
         raise ValueError(f"bias must be [{n}] in {x.dtype}, not {list(bias.shape)} {bias.dtype}")
     if out is None:
         return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    if tuple(out.shape) != (x.shape[0], n):
-        raise ValueError(f"out must be [{x.shape[0]}, {n}], not {list(out.shape)}")
+    if tuple(out.shape) != (x.shape[0], n) or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must be [{x.shape[0]}, {n}] {x.dtype}, not {list(out.shape)} {out.dtype}"
+        )
     return out
 
 
@@ -773,8 +777,8 @@ def nm_linear(
     if chunk_rows is None or chunk_rows >= n:
         out = torch.nn.functional.linear(x, decompress(weight), bias)
     else:
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be positive, not {chunk_rows}")
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, not {chunk_rows!r}")
         out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
         buffer = torch.empty((chunk_rows, weight.k), dtype=x.dtype, device=x.device)
         for start in range(0, n, chunk_rows):
