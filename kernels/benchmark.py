@@ -319,6 +319,8 @@ def sweep(
     nm_matmul(x, sparse[0], out=out)  # the autotuner's choice is the start
     bits = sparse[0].bits
     start = _autotuned_choice(m, n, k, pattern, bits, torch_dtype) or _full(_configs_for(m)[0])
+    # a start outside the search's region (a tile wider than K) could not step back into it
+    start = tune.into_region(start, m, n, k, pattern, bits)
     failures: dict[str, str] = {}
 
     def measure(config: tuple) -> float | None:

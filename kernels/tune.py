@@ -64,6 +64,30 @@ def valid(config: tuple, m: int, n: int, k: int, pattern: tuple[int, int], bits:
     return accumulator_size(config, group) <= MAX_ACCUMULATOR
 
 
+def into_region(config: tuple, m: int, n: int, k: int, pattern: tuple[int, int],
+                bits: int) -> tuple:  # fmt: skip
+    """``config``, or — where ``valid`` refuses it (tiles wider than a small K or N, split-K
+    past the rows) — the nearest configuration it accepts by halving blocks and splits, so
+    that a walk from it can move."""
+    config = _full(config)
+    for _ in range(32):
+        if valid(config, m, n, k, pattern, bits):
+            return config
+        block_m, block_n, block_k, mode, warps, stages, split = config
+        if split > 1 and (m > SPLIT_K_UP_TO_M or split * block_k > k):
+            split //= 2
+        elif block_k > max(64, k) or block_n * block_k > MAX_TILE:
+            block_k //= 2
+        elif block_n > max(16, n):
+            block_n //= 2
+        elif block_m > max(16, 2 * m):
+            block_m //= 2
+        else:
+            return config  # refused for another reason: the walk's neighbours may still move
+        config = (block_m, block_n, block_k, mode, warps, stages, split)
+    return config
+
+
 def neighbours(config: tuple, m: int, n: int, k: int, pattern: tuple[int, int],
                bits: int) -> list[tuple]:  # fmt: skip
     """Every valid configuration one step away: one block size doubled or halved, one stage

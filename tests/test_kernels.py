@@ -551,3 +551,16 @@ def test_compile_report_marks_only_what_the_jit_would_as_divisible_by_16(monkeyp
         with pytest.raises(StopCompileError):
             compiled.compile_dense((16, 32, 128, "dot", 4, 3), m=m)
         assert ("M" in seen["divisible"]) is expected
+
+
+def test_a_start_outside_the_search_region_is_brought_into_it():
+    """The autotuner's tile can be wider than a small K; the walk must start inside the
+    region its neighbours live in, or it cannot move."""
+    from spa_compiler.kernels import tune
+
+    start = (1, 16, 512, "gather", 4, 3, 4)
+    assert not tune.valid(start, 1, 32, 64, (2, 4), 2)
+    inside = tune.into_region(start, 1, 32, 64, (2, 4), 2)
+    assert tune.valid(inside, 1, 32, 64, (2, 4), 2) and inside[3:6] == start[3:6]
+    assert tune.neighbours(inside, 1, 32, 64, (2, 4), 2)
+    assert tune.into_region(inside, 1, 32, 64, (2, 4), 2) == inside
