@@ -564,3 +564,40 @@ def test_a_start_outside_the_search_region_is_brought_into_it():
     assert tune.valid(inside, 1, 32, 64, (2, 4), 2) and inside[3:6] == start[3:6]
     assert tune.neighbours(inside, 1, 32, 64, (2, 4), 2)
     assert tune.into_region(inside, 1, 32, 64, (2, 4), 2) == inside
+
+
+def test_nm_linear_module_and_sparsify_linears():
+    """nn.Linear swapped for the N:M kernel inside a model: same outputs as the dense layers
+    with the pruned weights, any leading shape, dtype/device moves follow, state_dict round
+    trip; dense weights refused unless pruning is asked for."""
+    from spa_compiler.kernels.nm_module import NMLinear, sparsify_linears
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 24), nn.Linear(24, 6))
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():  # the first layer already 2:4 sparse, the second not
+        model[0].weight.copy_(nm_layout.magnitude_prune(model[0].weight, 2, 4))
+    with pytest.raises(ValueError, match=r"^2: the rows are not 2:4 sparse"):
+        sparsify_linears(model)
+    assert isinstance(model[0], nn.Linear)  # a refusal leaves the module as it was
+    sparsify_linears(model, prune=True, exclude=("3",))
+    assert isinstance(model[0], NMLinear) and isinstance(model[2], NMLinear)
+    assert isinstance(model[3], nn.Linear)  # excluded by name
+    dense = [layer.compressed.to_dense() for layer in (model[0], model[2])]
+    expected = torch.nn.functional.gelu(x @ dense[0].T + model[0].bias) @ dense[1].T
+    expected = (expected + model[2].bias) @ model[3].weight.T + model[3].bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert "pattern=2:4" in repr(model[0])
+
+    half = model.half()
+    assert half[0].compressed.values.dtype == torch.float16
+    assert half[0].compressed.words.dtype == torch.int32
+    with torch.no_grad():
+        _check(half(x.half()).float(), expected.double(), torch.float16)
+
+    again = NMLinear.from_linear(nn.Linear(64, 32), prune=True).half()
+    again.load_state_dict(model[0].state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x.half()), model[0](x.half()))

@@ -1,0 +1,104 @@
+"""``nn.Linear`` layers as N:M sparse kernels in a PyTorch model: ``NMLinear`` holds the
+compressed weight (``NMWeight``) and runs ``nm_linear``; ``sparsify_linears`` swaps a
+module's ``nn.Linear`` children for it in place, for inference (the kernels have no backward).
+
+    model = sparsify_linears(model.half().cuda().eval(), n=2, m=4, prune=True)
+    with torch.no_grad():
+        logits = model(tokens)
+
+The weight is read compressed — for fp16 2:4, 9/16 of the dense bytes — which is where a
+decode step's time goes. ``prune=False`` takes weights already N:M sparse (``spa compile
+--nm 2:4`` made them so, with OBS weight updates) and refuses any that are not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from spa_compiler.kernels.nm_layout import NMWeight
+from spa_compiler.kernels.nm_matmul import ACTIVATIONS, DENSE_FROM_M, nm_linear
+from torch import nn
+
+
+class NMLinear(nn.Module):
+    """``y = act(x · Wᵀ + b)`` with W [out_features, in_features] N:M sparse along in_features,
+    stored compressed; x of any shape [..., in_features]."""
+
+    def __init__(
+        self,
+        weight: NMWeight,
+        bias: torch.Tensor | None = None,
+        activation: str = "none",
+        dense_from_m: int = DENSE_FROM_M,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
+        self.compressed = weight
+        self.in_features, self.out_features = weight.k, weight.rows
+        self.register_buffer("values", weight.values, persistent=True)
+        self.register_buffer("words", weight.words, persistent=True)
+        self.register_buffer("bias", bias, persistent=True)
+        self.activation = activation
+        self.dense_from_m = dense_from_m
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, n: int = 2, m: int = 4, prune: bool = False
+    ) -> NMLinear:
+        """From a dense ``nn.Linear``: its weight must be N:M sparse along in_features, or is
+        made so by magnitude (``prune=True``)."""
+        weight = linear.weight.detach()
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(NMWeight.from_dense(weight, n, m, prune=prune), bias)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the NMWeight follows
+        super()._apply(fn, recurse)
+        old = self.compressed
+        self.compressed = NMWeight(self.values, self.words, old.n, old.m, old.k)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., {self.in_features}], not {list(x.shape)}")
+        rows = x.reshape(-1, self.in_features)
+        y = nm_linear(rows, self.compressed, self.bias, self.activation, self.dense_from_m)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, pattern={self.compressed.n}:{self.compressed.m}"
+        )
+
+
+def sparsify_linears(
+    module: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    prune: bool = False,
+    exclude: tuple[str, ...] = (),
+) -> nn.Module:
+    """Replace every ``nn.Linear`` inside ``module`` (names not matching an ``exclude`` glob,
+    in_features a multiple of M) by an ``NMLinear`` on the same device and dtype; return
+    ``module``. ``prune=False``: the weights must already be N:M sparse; one that is not is
+    a ValueError and leaves the module as it was."""
+    swaps = []
+    for name, child in module.named_modules():
+        for attribute, layer in child.named_children():
+            full = f"{name}.{attribute}" if name else attribute
+            if not isinstance(layer, nn.Linear) or any(fnmatch.fnmatch(full, p) for p in exclude):
+                continue
+            if layer.in_features % m:
+                continue
+            try:
+                swaps.append((child, attribute, NMLinear.from_linear(layer, n, m, prune=prune)))
+            except ValueError as error:
+                raise ValueError(f"{full}: {error}") from None
+    for child, attribute, replacement in swaps:
+        setattr(child, attribute, replacement)
+    return module
+
+
+__all__ = ["NMLinear", "sparsify_linears"]
