@@ -578,3 +578,43 @@ def test_a_refit_the_export_changed_is_named_not_carried(tmp_path):
     other, _ = spa_compiler.compile(path, ratio=0.25, criterion="obspa", round_to=1)
     with pytest.raises(spa_compiler.BadInputError, match="another plan"):
         apply_plan(build("cnn")[0], report.plan, model=path, pruned=other)
+
+
+class ReadTwice(nn.Module):
+    """``b.weight`` read by its Linear and again transposed: TorchScript exports one
+    initializer and a Transpose, which spa folds into a tensor of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(20, 32)
+        self.b = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) + h @ self.b.weight.t()
+
+
+def test_a_weight_refit_apart_in_two_reads_is_named_not_carried(tmp_path):
+    """OBSPA refits the two reads of one module weight differently (the Gemm with its bias,
+    the folded transposed copy without): one tensor cannot hold both, so neither is carried
+    (the last one read used to win silently) and a SpaWarning names the weight. Without
+    compensation both reads are the sliced original: carried, no warning."""
+    torch.manual_seed(0)
+    module, inputs = ReadTwice().eval(), (torch.randn(8, 20),)
+    path = export(module, inputs, tmp_path / "model.onnx", "torchscript")
+    pruned, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa", round_to=1)
+    assert "/Transpose_output_0" in {t.name for t in pruned.graph.initializer}
+    with pytest.warns(spa_compiler.errors.SpaWarning, match="'b.weight' as"):
+        apply_plan(module, report.plan, model=path, pruned=pruned)
+    torch.manual_seed(0)
+    expected = apply_plan(ReadTwice().eval(), report.plan, model=path)
+    assert torch.equal(module.b.weight, expected.b.weight)  # its sliced original values
+    plain, plain_report = spa_compiler.compile(
+        path, ratio=0.5, criterion="obspa", round_to=1, compensate=False
+    )
+    torch.manual_seed(0)
+    again = ReadTwice().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", spa_compiler.errors.SpaWarning)
+        apply_plan(again, plain_report.plan, model=path, pruned=plain)
+    assert_same_outputs(again, inputs, plain)

@@ -235,8 +235,11 @@ def _take_pruned_values(
 ) -> None:
     """Copy the pruned model's values into the sliced module where the export stored the
     module's weight unchanged (directly or through Transpose); warn about refit weights the
-    export had changed."""
+    export had changed, and about a module tensor the pruned model holds with two different
+    values (a weight read twice, the reads refit apart): one tensor cannot be both."""
     lost = []
+    carried: dict[int, tuple[str, str, np.ndarray]] = {}  # slot -> (ONNX name, key, values)
+    split: dict[int, list[str]] = defaultdict(list)  # slot -> ONNX names with other values
     for name, values in _initializers(pruned).items():
         traced = _traced(name, values.ndim, graph, exported)
         if traced is None:
@@ -258,12 +261,32 @@ def _take_pruned_values(
                     f"the module's {key!r} {list(current.shape)}: a model compiled with "
                     "another plan?"
                 )
+        if index not in carried:
+            carried[index] = (name, key, as_module)
+        elif not np.array_equal(carried[index][2], as_module):
+            split[index].append(name)
+    for index, (_, _, as_module) in carried.items():
+        if index in split:
+            continue  # keeps its sliced original values; warned below
+        for _, owner, attribute, _ in slots[index].owners:
+            current = getattr(owner, attribute)
             current.copy_(torch.from_numpy(np.array(as_module)).to(current.dtype))
     if lost:
         warnings.warn(
             f"the pruned values of {len(lost)} weight(s) could not be carried into the module "
             f"(first: {lost[0]!r}): the export stored them changed (a BatchNorm fused in); "
             "they keep their sliced original values",
+            SpaWarning,
+            stacklevel=3,
+        )
+    if split:
+        index = next(iter(split))
+        name, key, _ = carried[index]
+        warnings.warn(
+            f"the pruned model holds {len(split)} module tensor(s) with different values in "
+            f"different places (first: {key!r} as {name!r} and {split[index][0]!r}: a weight "
+            "read twice, each read refit on its own), which one tensor cannot carry; they keep "
+            "their sliced original values",
             SpaWarning,
             stacklevel=3,
         )
