@@ -618,3 +618,38 @@ def test_a_weight_refit_apart_in_two_reads_is_named_not_carried(tmp_path):
         warnings.simplefilter("error", spa_compiler.errors.SpaWarning)
         apply_plan(again, plain_report.plan, model=path, pruned=plain)
     assert_same_outputs(again, inputs, plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"), [("cnn", "torchscript"), ("mlp", "torchscript"), ("cnn", "dynamo")]
+)
+def test_a_pruned_model_of_another_plan_of_the_same_shapes_is_refused(tmp_path, name, setting):
+    """l1 and OBSPA keep as many channels but different ones: a model compiled with the other
+    plan has every shape right, and used to be copied in silently (TorchScript: the module
+    became that model, its plan's attributes kept; dynamo: a mix, warned as a fused
+    BatchNorm). Tensors compensation never changes (the first layer, norm scales) tell."""
+    module, inputs = build(name)
+    path = export(module, inputs, tmp_path / "model.onnx", setting)
+    _, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa", round_to=1)
+    other, other_report = spa_compiler.compile(path, ratio=0.5, criterion="l1", round_to=1)
+    assert [g.keep for g in report.plan.groups] != [g.keep for g in other_report.plan.groups]
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(spa_compiler.BadInputError, match="another plan"):
+        apply_plan(module, report.plan, model=path, pruned=other)
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [("grouped", "torchscript"), ("conv-transpose", "torchscript"), ("hf-attention", "dynamo-raw")],
+)
+def test_refit_carried_without_a_false_refusal(tmp_path, name, setting):
+    """The other-plan check knows which tensors compensation may change: grouped convs,
+    ConvTranspose and attention carry their refit without a refusal or a warning."""
+    module, inputs = build(name)
+    path = export(module, inputs, tmp_path / "model.onnx", setting)
+    pruned, report = spa_compiler.compile(path, ratio=0.5, criterion="obspa", round_to=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", spa_compiler.errors.SpaWarning)
+        apply_plan(module, report.plan, model=path, pruned=pruned)
+    assert_same_outputs(module, inputs, pruned)

@@ -24,7 +24,9 @@ values the plan does not hold. With ``pruned`` (the compiled model) and ``model`
 weights), every weight the export stored unchanged under a name of the module — its ONNX
 values equal to the module's before slicing — takes the pruned model's values, refit included;
 a refit weight the export changed (a BatchNorm fused into it, a transposed copy) cannot be
-carried, and a ``SpaWarning`` names it.
+carried, and a ``SpaWarning`` names it. A pruned model in which a tensor compensation never
+changes (a norm's scale, a layer that loses no input feature) differs from the plan's slice
+of the module's was compiled with another plan: refused.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def apply_plan(
             changed = _slice(slots)
             _update_modules(module, changed)
             if pruned is not None:
-                _take_pruned_values(pruned, slots, exported, graph)
+                _take_pruned_values(pruned, slots, by_key, exported, graph)
     except BaseException:
         for child, cls, attributes, parameters, buffers in snapshot:
             child.__class__ = cls
@@ -230,13 +232,16 @@ def _traced(
 def _take_pruned_values(
     pruned: onnx.ModelProto | str | os.PathLike[str],
     slots: list[_Slot],
+    by_key: dict[str, int],
     exported: dict[str, tuple[int, np.ndarray, bool]],
     graph: _OnnxGraph,
 ) -> None:
     """Copy the pruned model's values into the sliced module where the export stored the
     module's weight unchanged (directly or through Transpose); warn about refit weights the
     export had changed, and about a module tensor the pruned model holds with two different
-    values (a weight read twice, the reads refit apart): one tensor cannot be both."""
+    values (a weight read twice, the reads refit apart): one tensor cannot be both. A tensor
+    no compensation changes that differs from its sliced original shows a model compiled with
+    another plan: refused."""
     lost = []
     carried: dict[int, tuple[str, str, np.ndarray]] = {}  # slot -> (ONNX name, key, values)
     split: dict[int, list[str]] = defaultdict(list)  # slot -> ONNX names with other values
@@ -251,6 +256,8 @@ def _take_pruned_values(
         if not same:  # refit iff the pruned values are not the export's, sliced
             sliced = _sliced(original, slot.removed)
             if sliced.shape != as_module.shape or not np.array_equal(sliced, as_module):
+                if not _may_be_refit(slot, slots, by_key):
+                    raise _another_plan(name, key)
                 lost.append(name)
             continue
         for _, owner, attribute, _ in slot.owners:
@@ -265,6 +272,12 @@ def _take_pruned_values(
             carried[index] = (name, key, as_module)
         elif not np.array_equal(carried[index][2], as_module):
             split[index].append(name)
+    for index, (name, key, as_module) in carried.items():
+        original = _sliced(exported[key][1], slots[index].removed)
+        if not _may_be_refit(slots[index], slots, by_key) and not np.array_equal(
+            original, as_module
+        ):
+            raise _another_plan(name, key)
     for index, (_, _, as_module) in carried.items():
         if index in split:
             continue  # keeps its sliced original values; warned below
@@ -290,6 +303,38 @@ def _take_pruned_values(
             SpaWarning,
             stacklevel=3,
         )
+
+
+def _another_plan(name: str, key: str) -> BadInputError:
+    return BadInputError(
+        f"pruned model tensor {name!r} is not the module's {key!r} sliced as the plan says, "
+        "and compensation does not change it: a model compiled with another plan?"
+    )
+
+
+def _may_be_refit(slot: _Slot, slots: list[_Slot], by_key: dict[str, int]) -> bool:
+    """Whether OBSPA compensation may have changed this tensor (see
+    spa_compiler.linear_layers): it refits the weights and biases of layers that read pruned
+    channels, and a BatchNorm's mean after a bias-free conv. Norm scales, shifts and
+    variances, PReLU slopes, and a Linear/Conv whose weight loses no input feature keep their
+    values; any other tensor may be a layer's weight."""
+    for prefix, owner, attribute, _ in slot.owners:
+        if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            if attribute not in ("weight", "bias", "running_var"):
+                return True
+        elif isinstance(owner, (nn.LayerNorm, nn.GroupNorm, nn.PReLU, *_rms_norm())):
+            if attribute not in ("weight", "bias"):
+                return True
+        elif isinstance(owner, _FUSING) and attribute in ("weight", "bias"):
+            weight = by_key.get(f"{prefix}.weight" if prefix else "weight")
+            if weight is None:
+                return True
+            out_axis = 1 if _transposed(owner) else 0
+            if any(indices for axis, indices in slots[weight].removed.items() if axis != out_axis):
+                return True
+        else:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- plan and names
