@@ -304,6 +304,20 @@ class InferShapes(Pass):
         return PassResult(model, changed=changed > 0, details=details)
 
 
+def _itemsize(dtype: object) -> int:
+    """Bytes per element; onnx-graphsurgeon keeps a type NumPy lacks (bfloat16, float8) as
+    its ONNX enum value."""
+    if dtype is None:
+        return 4
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:
+        if isinstance(dtype, int) or hasattr(dtype, "value"):
+            code = int(getattr(dtype, "value", dtype))
+            return onnx.helper.tensor_dtype_to_np_dtype(code).itemsize
+        return 4
+
+
 def _refuse_absurd_activations(graph: gs.Graph) -> None:
     """spa runs the model (validation, statistics): an activation whose inferred static shape
     exceeds ``MAX_ACTIVATION_BYTES`` (a Pad, Tile, Expand or Resize blown up by its
@@ -313,7 +327,7 @@ def _refuse_absurd_activations(graph: gs.Graph) -> None:
             continue
         if not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
             continue
-        itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
+        itemsize = _itemsize(tensor.dtype)
         size = float(np.prod(tensor.shape, dtype=np.float64)) * itemsize
         if size > MAX_ACTIVATION_BYTES:
             raise BadInputError(

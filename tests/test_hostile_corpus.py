@@ -454,3 +454,47 @@ def test_the_corpus_has_two_hundred_cases_with_the_broken_files():
 
     total = len(BROKEN_FILES) + len(GRAPH_CASES) + len(EXTERNAL_CASES) + len(CLI_CASES)
     assert total >= 200, total
+
+
+def test_bfloat16_weights_do_not_crash_shape_inference():
+    """onnx-graphsurgeon keeps bfloat16 (no NumPy type) as its ONNX enum value; the activation
+    size check took it for a NumPy dtype and the compile ended in a TypeError. It compiles now
+    (onnxruntime has no CPU bfloat16 Gemm: checked by the ONNX checker only, as reported), and
+    the kept rows are the original's, bit for bit."""
+    import spa_compiler
+
+    rng = np.random.default_rng(0)
+
+    def bf16(name, *shape):
+        bits = (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(
+            np.uint16
+        )
+        tensor = helper.make_tensor(name, TensorProto.BFLOAT16, shape, bits.tobytes(), raw=True)
+        return tensor, bits
+
+    (w1, w1_bits), (b1, _), (w2, _), (b2, _) = (
+        bf16("w1", 16, 8),
+        bf16("b1", 16),
+        bf16("w2", 4, 16),
+        bf16("b2", 4),
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+        ],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 4])],
+        [w1, b1, w2, b2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pruned, report = spa_compiler.compile(model, ratio=0.5, criterion="l1", round_to=1)
+    assert report.groups_pruned == 1
+    assert any("ONNX checker only" in w for w in report.warnings)
+    kept = report.plan.groups[0].keep
+    weight = {t.name: t for t in pruned.graph.initializer}["w1"]
+    assert weight.data_type == TensorProto.BFLOAT16
+    got = np.frombuffer(weight.raw_data, dtype=np.uint16).reshape(len(kept), 8)
+    assert np.array_equal(got, w1_bits[kept])
