@@ -218,6 +218,19 @@ def time_shape(
     return result
 
 
+def _rotated_weights(n: int, k: int, dtype: torch.dtype, pattern: tuple[int, int], device: str):
+    """N:M-pruned random [n, k] weights, dense and compressed, in enough copies to overflow L2
+    when rotated on a GPU (two elsewhere)."""
+    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
+
+    keep, group = pattern
+    element = torch.empty((), dtype=dtype).element_size()
+    copies = _copies_to_overflow_l2(n * k * element) if device == "cuda" else 2
+    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=dtype), keep, group)
+             for _ in range(copies)]  # fmt: skip
+    return dense, [NMWeight.from_dense(w, keep, group) for w in dense]
+
+
 def _synchronize(tensor: torch.Tensor) -> None:
     if tensor.is_cuda:
         torch.cuda.synchronize()
@@ -301,7 +314,6 @@ def sweep(
     (calls -> (µs, how)) and ``device`` let the CPU tests walk the same code under Triton's
     interpreter."""
     from spa_compiler.kernels import tune
-    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
     from spa_compiler.kernels.nm_matmul import _configs_for, _full, nm_matmul, reference_matmul
 
     keep, group = pattern
@@ -309,10 +321,7 @@ def sweep(
     x = torch.randn(m, k, device=device, dtype=torch_dtype)
     out = torch.empty(m, n, device=device, dtype=torch_dtype)
     element = x.element_size()
-    copies = _copies_to_overflow_l2(n * k * element) if x.is_cuda else 2
-    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
-             for _ in range(copies)]  # fmt: skip
-    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    dense, sparse = _rotated_weights(n, k, torch_dtype, pattern, device)
     reference = reference_matmul(x, dense[0])
     timer = timer or (lambda calls: _time_us(calls, "graph"))
     cublas_us, _ = timer([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])
@@ -397,16 +406,11 @@ def sweep_decompress(
     """The expansion kernel (the large-M path's fixed cost) over a grid of blocks: bytes read
     and written per second, each result checked bit for bit (``device``/``timer`` as in
     ``sweep``)."""
-    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
     from spa_compiler.kernels.nm_matmul import decompress
 
-    keep, group = pattern
     torch_dtype = DTYPES[dtype]
-    copies = _copies_to_overflow_l2(n * k * 2) if device == "cuda" else 2
     timer = timer or (lambda calls: _time_us(calls, "graph"))
-    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
-             for _ in range(copies)]  # fmt: skip
-    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    dense, sparse = _rotated_weights(n, k, torch_dtype, pattern, device)
     expanded = torch.empty_like(dense[0])
     moved = sparse[0].nbytes + expanded.numel() * expanded.element_size()
     rows = []
@@ -440,17 +444,12 @@ def sweep_chunks(
     """``nm_linear``'s large-M path, expanding the whole weight against chunks of rows through
     one buffer (``chunk_rows``), beside cuBLAS on the dense weight; each checked against
     float64 (``device``/``timer`` as in ``sweep``)."""
-    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
     from spa_compiler.kernels.nm_matmul import nm_linear, reference_matmul
 
-    keep, group = pattern
     torch_dtype = DTYPES[dtype]
     x = torch.randn(m, k, device=device, dtype=torch_dtype)
-    copies = _copies_to_overflow_l2(n * k * 2) if device == "cuda" else 2
     timer = timer or (lambda calls: _time_us(calls, "graph"))
-    dense = [magnitude_prune(torch.randn(n, k, device=device, dtype=torch_dtype), keep, group)
-             for _ in range(copies)]  # fmt: skip
-    sparse = [NMWeight.from_dense(w, keep, group) for w in dense]
+    dense, sparse = _rotated_weights(n, k, torch_dtype, pattern, device)
     reference = reference_matmul(x, dense[0])
     out = torch.empty(m, n, device=device, dtype=torch_dtype)
     result: dict[str, Any] = {"m": m, "n": n, "k": k, "dtype": dtype, "chunks": []}
