@@ -55,6 +55,9 @@ DENSE_FROM_M = 128
 SMALL_M_CONFIGS = [
     *[(1, bn, bk, "gather", w, 3) for bn, bk, w in
       ((16, 512, 4), (32, 512, 4), (32, 1024, 8), (64, 512, 8), (8, 1024, 4))],
+    # the H100 block search's best at K = N = 4096 and for M = 2-4 (BENCHMARKS.md)
+    (1, 8, 512, "gather", 4, 4),
+    (4, 16, 256, "gather", 4, 4),
     # split-K (7th entry, sparse kernel only): more programs in flight when N alone is too few
     *[(1, bn, bk, "gather", w, 3, split) for bn, bk, w, split in
       ((16, 512, 4, 4), (32, 512, 4, 4), (64, 256, 8, 4), (32, 256, 4, 8))],
@@ -75,7 +78,12 @@ MEDIUM_M_CONFIGS = [
     # with one or two programs (8192 / 64 = 128 programs for 132 SMs): split-K as for M ≤ 8.
     *[
         (16, bn, bk, "dot", 4, stages, split)
-        for bn, bk, stages, split in ((16, 256, 3, 2), (32, 128, 4, 4), (64, 128, 3, 4))
+        for bn, bk, stages, split in (
+            (16, 256, 3, 2),
+            (32, 128, 4, 4),
+            (64, 128, 3, 4),
+            (32, 128, 4, 2),  # the H100 block search's best at M = 16, K = N = 8192
+        )
     ],
     (16, 16, 256, "dot", 4, 3),
     *[
@@ -767,7 +775,10 @@ def nm_linear(
     A buffer that fits in L2 is read by cuBLAS right after the expansion wrote it, so the
     expanded weight need not make the round trip through device memory that expanding it
     whole costs (K = N = 8192 fp16: 134 MB written and read again; on an H100 at M = 4096,
-    expanding whole and cuBLAS took 1.09x cuBLAS's time). None: the whole weight at once."""
+    expanding whole and cuBLAS took 1.06-1.11x cuBLAS's time). None, the default: the whole
+    weight at once — on an H100 (BENCHMARKS.md, stop 15) chunks of 512-4096 rows measured
+    slower than whole (0.82-0.91x cuBLAS against 0.87-0.94x): narrower GEMMs lose more than
+    the saved round trip."""
     if x.shape[0] < dense_from_m:
         return nm_matmul(x, weight, bias, activation)
     if weight.values.dtype != x.dtype:  # as nm_matmul: not torch's error, nor decompress's
