@@ -21,6 +21,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -138,12 +139,16 @@ _ONNX_FLOAT_TYPES = {1, 10, 11, 16, 17, 18, 19, 20, 23}
 
 
 def is_floating(dtype: object) -> bool:
-    """Whether a graphsurgeon dtype (numpy dtype, or ONNX type number) is floating point."""
+    """Whether a graphsurgeon dtype (numpy dtype, or ONNX type number) is floating point.
+    A rewritten bfloat16/float8 weight holds an ml_dtypes array (onnx's reader gives one),
+    whose dtype NumPy does not count as floating: ONNX's type table decides."""
     if isinstance(dtype, int | np.integer):
         return int(dtype) in _ONNX_FLOAT_TYPES
     try:
-        return bool(np.issubdtype(dtype, np.floating))
-    except TypeError:
+        if np.issubdtype(dtype, np.floating):
+            return True
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) in _ONNX_FLOAT_TYPES
+    except (TypeError, KeyError, ValueError):
         return False
 
 

@@ -498,3 +498,6 @@ def test_bfloat16_weights_do_not_crash_shape_inference():
     assert weight.data_type == TensorProto.BFLOAT16
     got = np.frombuffer(weight.raw_data, dtype=np.uint16).reshape(len(kept), 8)
     assert np.array_equal(got, w1_bits[kept])
+    # the rewritten bfloat16 weights (ml_dtypes arrays) still count as parameters
+    assert report.before["parameters"] == 16 * 8 + 16 + 4 * 16 + 4
+    assert report.after["parameters"] == len(kept) * 8 + len(kept) + 4 * len(kept) + 4
