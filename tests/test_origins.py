@@ -277,6 +277,20 @@ def test_sklearn_zipmap_classifier_oracle():
     assert compile_check(proto, 0.5, 0, criterion="l1") <= TOLERANCE
 
 
+def test_oracle_tells_zipmap_outputs_with_other_labels_apart():
+    """Maps under other class labels are different outputs even where the values agree."""
+    pytest.importorskip("skl2onnx")
+    estimator, targets, _ = _sklearn_cases()["classifier"]
+    proto = _convert(estimator, _fit(estimator, targets), zipmap=True)
+    relabeled = onnx.ModelProto()
+    relabeled.CopyFrom(proto)
+    zipmap = next(n for n in relabeled.graph.node if n.op_type == "ZipMap")
+    labels = next(a for a in zipmap.attribute if a.name == "classlabels_int64s")
+    labels.ints[:] = [label + 10 for label in labels.ints]
+    assert worst_relative_error(proto, proto, 0) == 0.0
+    assert worst_relative_error(proto, relabeled, 0) == float("inf")
+
+
 @pytest.mark.parametrize(
     ("step", "operator"),
     [
