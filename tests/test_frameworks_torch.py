@@ -458,6 +458,26 @@ def test_folded_exports_are_refused_naming_the_tensor(tmp_path):
         apply_plan(module, plan)
 
 
+def test_a_transpose_without_perm_is_traced_as_reversed_axes(tmp_path):
+    """ONNX's Transpose without ``perm`` reverses the axes; a plan naming spa's folded copy
+    of such a transposed weight slices the module's weight along the matching axis."""
+    module, inputs = build("embedding")
+    path = export(module, inputs, tmp_path / "raw.onnx", "torchscript")
+    model = onnx.load(path)
+    bare = 0
+    for node in model.graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type == "Transpose" and perm == [list(reversed(range(len(perm[0]))))]:
+            node.ClearField("attribute")
+            bare += 1
+    assert bare
+    onnx.save(model, tmp_path / "bare.onnx")
+    pruned, plan = prune(tmp_path / "bare.onnx")
+    assert any("Transpose" in m["tensor"] for g in plan.groups for m in g.members)
+    apply_plan(module, plan, model=tmp_path / "bare.onnx")
+    assert_same_outputs(module, inputs, pruned)
+
+
 def test_fused_batchnorm_in_an_untraceable_module_is_refused(tmp_path):
     module, inputs = build("untraceable")
     path = export(module, inputs, tmp_path / "fused.onnx", "dynamo")

@@ -440,6 +440,20 @@ def _warn_uneven_parts(plan: Plan, graph: _OnnxGraph) -> None:
             )
 
 
+def _rank(name: str, by_key: dict[str, int], slots: list[_Slot], graph: _OnnxGraph) -> int | None:
+    """The rank of a weight reached through Identity and Transpose nodes (they keep it)."""
+    for _ in range(16):
+        if name in by_key:
+            return slots[by_key[name]].tensor.dim()
+        if name in graph.initializers:
+            return len(graph.initializers[name].dims)
+        node = graph.producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Transpose") or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
 def _resolve(
     name: str,
     axis: int,
@@ -460,7 +474,9 @@ def _resolve(
             perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
             if perm:
                 return _resolve(node.input[0], perm[0][axis], by_key, slots, graph, depth + 1)
-            # no perm: the axes reversed, which needs the input's rank
+            rank = _rank(node.input[0], by_key, slots, graph)
+            if rank is not None:  # no perm: the axes reversed
+                return _resolve(node.input[0], rank - 1 - axis, by_key, slots, graph, depth + 1)
         if node is not None and _is_fill(node, graph):
             return None
     if name.endswith("_bias") and name[: -len("_bias")] in by_key:
