@@ -147,7 +147,6 @@ def time_shape(
     label: str = "", variants: tuple[str, ...] = VARIANTS, timing: str = "graph",
 ) -> ShapeTiming:  # fmt: skip
     """One y = x·Wᵀ shape ([M, K] x [N, K]): cuBLAS, Triton dense, Triton N:M, torch 2:4."""
-    from spa_compiler.kernels.nm_layout import NMWeight, magnitude_prune
     from spa_compiler.kernels.nm_matmul import (
         decompress,
         dense_matmul,
@@ -163,12 +162,7 @@ def time_shape(
     out = torch.empty(m, n, device="cuda", dtype=torch_dtype)
     activation_bytes = (m * k + m * n) * element
     dense_bytes = n * k * element
-    copies = _copies_to_overflow_l2(dense_bytes)
-    dense_weights = [
-        magnitude_prune(torch.randn(n, k, device="cuda", dtype=torch_dtype), keep, group)
-        for _ in range(copies)
-    ]
-    sparse_weights = [NMWeight.from_dense(w, keep, group) for w in dense_weights]
+    dense_weights, sparse_weights = _rotated_weights(n, k, torch_dtype, pattern, "cuda")
 
     # Correctness of the exact (autotuned) kernels being timed: fresh inputs, poisoned output.
     out.fill_(float("nan"))
