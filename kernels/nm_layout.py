@@ -152,9 +152,19 @@ class NMWeight:
     def from_compressed(
         cls, values, meta, n: int, m: int, k: int, device: str | torch.device | None = None
     ) -> NMWeight:
-        """From ``spa compile --export-compressed`` arrays (numpy or torch)."""
-        values = torch.as_tensor(np.asarray(values) if not torch.is_tensor(values) else values)
+        """From ``spa compile --export-compressed`` arrays (numpy or torch). A bfloat16 model's
+        values come back from ``np.load`` as 2-byte void (``V2``: NumPy has no bfloat16, and an
+        ml_dtypes array does not survive ``np.savez``); they are read as bfloat16."""
+        if not torch.is_tensor(values):
+            values = np.asarray(values)
+            void16 = values.dtype.kind == "V" and values.dtype.itemsize == 2
+            if void16 or values.dtype.name == "bfloat16":
+                values = torch.from_numpy(values.view(np.uint16).copy()).view(torch.bfloat16)
+        values = torch.as_tensor(values)
         meta = torch.as_tensor(np.asarray(meta) if not torch.is_tensor(meta) else meta)
+        if meta.dtype != torch.uint8 or meta.dim() != 2:
+            # meta_words' cast would wrap any other integer silently
+            raise ValueError(f"meta must be [R, bytes] uint8, not {list(meta.shape)} {meta.dtype}")
         words = meta_words(meta)
         return cls(values.contiguous().to(device), words.to(device), n, m, k)
 

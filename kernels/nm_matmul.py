@@ -566,8 +566,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Under the CPU interpreter autotuning is meaningless (and slow): one small fixed tile.
+# Under the CPU interpreter autotuning is meaningless (and slow): one small fixed tile. The
+# interpreter computes a bf16 tl.dot wrongly (triton 3.9: off by 1e10), so bf16 multiplies-adds.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "dot"}
+INTERPRETER_BF16_CONFIG = {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "fma"}
 
 
 def _positive_int(value) -> bool:
@@ -581,9 +583,9 @@ def _power_of_two(value) -> bool:
     return _positive_int(value) and value & (value - 1) == 0
 
 
-def _launch_options(config: dict | None) -> dict | None:
+def _launch_options(config: dict | None, dtype: torch.dtype | None = None) -> dict | None:
     if config is None and interpreting():
-        config = INTERPRETER_CONFIG
+        config = INTERPRETER_BF16_CONFIG if dtype == torch.bfloat16 else INTERPRETER_CONFIG
     if config is None:
         return None
     missing = [name for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE") if name not in config]
@@ -686,7 +688,7 @@ def nm_matmul(
     out = _check_inputs(x, weight.k, n, bias, out, activation)
     if m == 0 or n == 0:
         return out
-    options = _launch_options(config)
+    options = _launch_options(config, x.dtype)
     if options is not None:
         options.setdefault("SPLIT_K", 1)
     may_split = m <= SPLIT_K_UP_TO_M if options is None else options["SPLIT_K"] > 1
@@ -832,7 +834,7 @@ def dense_matmul(
     )  # fmt: skip
     fixed = {"HAS_BIAS": bias is not out, "ACTIVATION": ACTIVATIONS[activation],
              "IEEE": x.dtype == torch.float32}  # fmt: skip
-    options = _launch_options(config)
+    options = _launch_options(config, x.dtype)
     if options is None:
         _dense_matmul_tuned[lambda meta: _grid(meta, m, n)](*args, **fixed)
         return out

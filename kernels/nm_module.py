@@ -53,6 +53,15 @@ class NMLinear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(NMWeight.from_dense(weight, n, m, prune=prune), bias)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        values, words = state_dict.get(f"{prefix}values"), state_dict.get(f"{prefix}words")
+        if values is not None and words is not None:
+            # the buffers are copied in place: check the format first (NMWeight refuses words
+            # whose positions do not ascend inside a group, and words that are not int32)
+            old = self.compressed
+            NMWeight(values.contiguous(), words.contiguous(), old.n, old.m, old.k)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the NMWeight follows
         super()._apply(fn, recurse)
         old = self.compressed
@@ -73,6 +82,12 @@ class NMLinear(nn.Module):
         )
 
 
+# Modules whose forward reads their Linear children's ``.weight`` itself (MultiheadAttention's
+# out_proj; TransformerEncoderLayer's linear1/linear2 in its fast-path check): an NMLinear has
+# none, so their children stay dense.
+READS_LINEAR_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 def sparsify_linears(
     module: nn.Module,
     n: int = 2,
@@ -81,21 +96,25 @@ def sparsify_linears(
     exclude: tuple[str, ...] = (),
 ) -> nn.Module:
     """Replace every ``nn.Linear`` inside ``module`` (names not matching an ``exclude`` glob,
-    in_features a multiple of M) by an ``NMLinear`` on the same device and dtype; return
+    in_features a multiple of M, not a child of ``READS_LINEAR_WEIGHTS``) by an ``NMLinear``
+    on the same device and dtype — one for a Linear registered under several names; return
     ``module``. ``prune=False``: the weights must already be N:M sparse; one that is not is
     a ValueError and leaves the module as it was."""
-    swaps = []
+    swaps, made = [], {}
     for name, child in module.named_modules():
-        for attribute, layer in child.named_children():
+        # every name a child is registered under (named_children yields a shared one once)
+        for attribute, layer in list(child._modules.items()):
             full = f"{name}.{attribute}" if name else attribute
             if not isinstance(layer, nn.Linear) or any(fnmatch.fnmatch(full, p) for p in exclude):
                 continue
-            if layer.in_features % m:
+            if layer.in_features % m or isinstance(child, READS_LINEAR_WEIGHTS):
                 continue
-            try:
-                swaps.append((child, attribute, NMLinear.from_linear(layer, n, m, prune=prune)))
-            except ValueError as error:
-                raise ValueError(f"{full}: {error}") from None
+            if id(layer) not in made:  # a Linear shared by two paths stays one module
+                try:
+                    made[id(layer)] = NMLinear.from_linear(layer, n, m, prune=prune)
+                except ValueError as error:
+                    raise ValueError(f"{full}: {error}") from None
+            swaps.append((child, attribute, made[id(layer)]))
     for child, attribute, replacement in swaps:
         setattr(child, attribute, replacement)
     return module

@@ -170,6 +170,13 @@ def _dequantized(target: Target, values: np.ndarray) -> tuple[np.ndarray, np.nda
     return (values.astype(np.float64) - zero) * scale, zero
 
 
+def _positive_zeros(values: np.ndarray) -> np.ndarray:
+    """``values`` with every zero +0.0: the compressed format (``nm.compress``) keeps only N
+    entries per group, so a -0.0 that a pruned negative weight (w · 0) or a cast's underflow
+    left would come back from the archive as +0.0, not bit for bit what the model holds."""
+    return np.where(values == 0, np.zeros_like(values), values)
+
+
 class SparsifyNM(Pass):
     name = "sparsify-nm"
 
@@ -213,11 +220,11 @@ class SparsifyNM(Pass):
                     refitted = nm.obs_nm(rows, stats.hessian(with_bias=False), self.n, self.m)
                 stored = nm.from_rows(refitted, values, target.axis)
                 if np.isfinite(stored).all():  # after the cast: fp16 can overflow
-                    target.constant.values = stored
+                    target.constant.values = _positive_zeros(stored)
                     applied.append((target.constant.name, "obs"))
                     continue
-            rows = rows * nm.magnitude_mask(rows, self.n, self.m)
-            target.constant.values = nm.from_rows(rows, values, target.axis)
+            rows = np.where(nm.magnitude_mask(rows, self.n, self.m), rows, 0.0)
+            target.constant.values = _positive_zeros(nm.from_rows(rows, values, target.axis))
             applied.append((target.constant.name, "magnitude"))
         return PassResult(
             model,

@@ -601,3 +601,77 @@ def test_nm_linear_module_and_sparsify_linears():
     again.load_state_dict(model[0].state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again(x.half()), model[0](x.half()))
+
+
+def test_a_bfloat16_models_archive_feeds_the_kernel():
+    """np.savez stores a bfloat16 weight's values as 2-byte void ('V2'); from_compressed reads
+    them as bfloat16 (it raised a TypeError). The interpreter's default tile for bf16 is not a
+    tl.dot, which it computes wrongly."""
+    import io
+
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import spa_compiler
+
+    w = np.random.default_rng(0).standard_normal((16, 32)).astype(ml_dtypes.bfloat16)
+    tensor = helper.make_tensor(
+        "w", TensorProto.BFLOAT16, w.shape, w.view(np.uint16).tobytes(), True
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["b", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["b", 16])], [tensor],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pruned, report = spa_compiler.compile(model, ratio=0.0, nm=(2, 4), validate=False)
+    data = np.load(io.BytesIO(nm.compressed_archive(pruned, report.nm)))
+    weight = NMWeight.from_compressed(data["w.values"], data["w.meta"], 2, 4, 32)
+    assert weight.values.dtype == torch.bfloat16
+    dense = numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "w"))
+    expected = torch.from_numpy(np.asarray(dense).view(np.uint16).astype(np.int32)).to(torch.int16)
+    assert torch.equal(_bits(weight.to_dense()), expected)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    _check(nm_matmul(x, weight, out=_poisoned(3, 16, x.dtype)),
+           reference_matmul(x, weight.to_dense()), torch.bfloat16)  # fmt: skip
+    assert isinstance(onnx.load_from_string(pruned.SerializeToString()), onnx.ModelProto)
+
+
+def test_archive_meta_of_another_dtype_is_refused():
+    rows = torch.from_numpy(_sparse_rows(np.random.default_rng(6), 4, 16, 2, 4)).half()
+    values, positions = nm_layout.compress(rows, 2, 4)
+    meta = nm_layout.pack_positions(positions, 4).numpy()
+    with pytest.raises(ValueError, match=r"meta must be \[R, bytes\] uint8"):
+        NMWeight.from_compressed(values, meta.astype(np.int64) + 256, 2, 4, 16)  # wrapped
+    with pytest.raises(ValueError, match=r"meta must be \[R, bytes\] uint8"):
+        NMWeight.from_compressed(values, meta.ravel(), 2, 4, 16)
+
+
+def test_sparsify_linears_shared_layers_attention_and_broken_state():
+    """A Linear under two names becomes one NMLinear (the second name kept the dense, unpruned
+    weight); MultiheadAttention and TransformerEncoderLayer read their Linear children's
+    .weight, so those stay dense (forward raised AttributeError); a state_dict whose words
+    break the format is refused before anything is copied."""
+    from spa_compiler.kernels.nm_module import NMLinear, sparsify_linears
+    from torch import nn
+
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 8)
+    model = nn.ModuleDict({"p": shared, "q": shared, "r": nn.Sequential(shared)})
+    sparsify_linears(model, 2, 4, prune=True)
+    assert isinstance(model["p"], NMLinear) and model["q"] is model["p"] is model["r"][0]
+
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        sparsify_linears(layer, 2, 4, prune=True)
+        torch.testing.assert_close(layer(x), expected)
+
+    state = model["p"].state_dict()
+    before = {key: value.clone() for key, value in state.items()}
+    broken = {**state, "words": torch.full_like(state["words"], -1)}  # positions 3, 3
+    with pytest.raises(ValueError, match="positions must ascend"):
+        model["p"].load_state_dict(broken)
+    assert all(torch.equal(before[key], model["p"].state_dict()[key]) for key in before)

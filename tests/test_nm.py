@@ -247,3 +247,22 @@ def test_obs_masks_for_a_layer_reading_a_graph_input(tmp_path):
     _, report = spa_compiler.compile(b.model(), ratio=0.0, nm=(2, 4))
     assert {e["tensor"]: e["method"] for e in report.nm["applied"]} == {"w1": "obs", "w2": "obs"}
     assert not any("unchanged" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "obs"])
+def test_pruned_weights_are_positive_zeros_and_the_archive_is_bit_exact(method):
+    """A pruned negative weight written as w · 0 is -0.0, which the archive (N values a group)
+    cannot hold: decompressing it gave +0.0 where the model held -0.0."""
+    import io
+
+    b = GraphBuilder(opset=17)
+    x = b.input("x", ["n", 16])
+    b.output(b.op("MatMul", [x, b.weight("w", [16, 8])]))
+    pruned, report = spa_compiler.compile(b.model(), ratio=0.0, nm=(2, 4), nm_method=method)
+    weight = next(numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name == "w")
+    assert not np.signbit(weight[weight == 0]).any()
+    data = np.load(io.BytesIO(nm.compressed_archive(pruned, report.nm)))
+    positions = nm.unpack_positions(data["w.meta"], 4, 4, 2)
+    dense = nm.decompress(data["w.values"], positions, 4)
+    rows = np.ascontiguousarray(weight.T)
+    np.testing.assert_array_equal(dense.view(np.uint32), rows.view(np.uint32))
