@@ -12,12 +12,13 @@ the kernels compute ``y = x · Wᵀ`` with W [R, K] — an ONNX MatMul's B [K, N
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from spa_compiler.nm import check_pattern, index_bits
+from spa_compiler.nm import FORMAT_VERSION, check_pattern, index_bits
 
 
 def magnitude_prune(dense: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -188,3 +189,42 @@ __all__ = [
     "pack_positions",
     "unpack_positions",
 ]
+
+
+def load_archive(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> dict[str, NMWeight]:
+    """Every weight of a ``spa compile --nm N:M --export-compressed`` archive, by the name of
+    its initializer in the compiled model, as the [R, K] rows the kernels read: a Gemm or
+    MatMul weight's rows are its output features (``y = x · Wᵀ``), a Conv weight's
+    [O·kh·kw, C] (only a 1×1 Conv is one matmul). ValueError for a file that is not such an
+    archive."""
+    import json
+    import zipfile
+
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path}: not an N:M archive ({error})") from None
+    try:
+        header = json.loads(bytes(arrays["format"]).decode())
+        version, pattern, tensors = header["version"], header["pattern"], header["tensors"]
+        n, m = (int(part) for part in pattern.split(":"))
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: no readable 'format' entry ({error!r})") from None
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {version}, this spa reads {FORMAT_VERSION}")
+    weights = {}
+    for name, info in sorted(tensors.items()):
+        if f"{name}.values" not in arrays or f"{name}.meta" not in arrays:
+            raise ValueError(f"{path}: '{name}' is described but its arrays are missing")
+        try:
+            weights[name] = NMWeight.from_compressed(
+                arrays[f"{name}.values"], arrays[f"{name}.meta"], n, m, int(info["k"]), device
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: '{name}': {error}") from None
+        if weights[name].rows != int(info["rows"]):
+            raise ValueError(f"{path}: '{name}' has {weights[name].rows} rows, not {info['rows']}")
+    return weights

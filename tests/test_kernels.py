@@ -365,6 +365,41 @@ def test_export_compressed_archive_feeds_the_kernel(compressed_bert_tiny):
     _check(result, expected, torch.float32)
 
 
+def test_load_archive_gives_every_weight_of_the_compiled_model(compressed_bert_tiny, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    from spa_compiler.kernels.nm_layout import load_archive
+
+    out, archive = compressed_bert_tiny
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    header = json.loads(bytes(np.load(archive)["format"]).decode())
+    loaded = load_archive(archive)
+    assert sorted(loaded) == sorted(header["tensors"]) and loaded
+    for name, weight in loaded.items():
+        info = header["tensors"][name]
+        rows = np.moveaxis(weights[name], info["axis"], -1).reshape(info["rows"], info["k"])
+        assert (weight.n, weight.m, weight.k) == (2, 4, info["k"])
+        assert np.array_equal(weight.to_dense().numpy().view(np.uint32), rows.view(np.uint32))
+    broken = {name: np.load(archive)[name] for name in np.load(archive).files}
+    cases = {
+        "text.npz": None,
+        "no_format.npz": {k: v for k, v in broken.items() if k != "format"},
+        "version.npz": {
+            **broken,
+            "format": np.frombuffer(json.dumps({**header, "version": 99}).encode(), np.uint8),
+        },
+        "missing.npz": {k: v for k, v in broken.items() if not k.endswith(".meta")},
+    }
+    for file, arrays in cases.items():
+        path = tmp_path / file
+        if arrays is None:
+            path.write_text("not an archive")
+        else:
+            np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=file):
+            load_archive(path)
+
+
 def test_coordinate_search_walks_to_the_best_and_skips_failures():
     from spa_compiler.kernels import tune
 
