@@ -14,11 +14,14 @@ decode step's time goes. ``prune=False`` takes weights already N:M sparse (``spa
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch
 from spa_compiler.kernels.nm_layout import NMWeight
 from spa_compiler.kernels.nm_matmul import ACTIVATIONS, DENSE_FROM_M, nm_linear
 from torch import nn
+
+from spa_compiler.errors import SpaWarning
 
 
 class NMLinear(nn.Module):
@@ -69,6 +72,13 @@ class NMLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the kernels have no backward: a result cut from the graph would train nothing
+            # behind this layer without a word
+            raise RuntimeError(
+                "NMLinear is for inference (the N:M kernels have no backward): run it under "
+                "torch.no_grad() or torch.inference_mode(), or train the dense model"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must be [..., {self.in_features}], not {list(x.shape)}")
         rows = x.reshape(-1, self.in_features)
@@ -99,8 +109,14 @@ def sparsify_linears(
     in_features a multiple of M, not a child of ``READS_LINEAR_WEIGHTS``) by an ``NMLinear``
     on the same device and dtype — one for a Linear registered under several names; return
     ``module``. ``prune=False``: the weights must already be N:M sparse; one that is not is
-    a ValueError and leaves the module as it was."""
-    swaps, made = [], {}
+    a ValueError and leaves the module as it was. Linear layers left dense for a reason other
+    than ``exclude`` are named in a SpaWarning. A ``module`` that is itself an ``nn.Linear``
+    comes back as its ``NMLinear`` (it cannot be replaced in place)."""
+    if isinstance(module, nn.Linear):
+        if module.in_features % m:
+            raise ValueError(f"in_features {module.in_features} is not a multiple of M = {m}")
+        return NMLinear.from_linear(module, n, m, prune=prune)
+    swaps, made, skipped = [], {}, []
     for name, child in module.named_modules():
         # every name a child is registered under (named_children yields a shared one once)
         for attribute, layer in list(child._modules.items()):
@@ -108,6 +124,12 @@ def sparsify_linears(
             if not isinstance(layer, nn.Linear) or any(fnmatch.fnmatch(full, p) for p in exclude):
                 continue
             if layer.in_features % m or isinstance(child, READS_LINEAR_WEIGHTS):
+                why = (
+                    f"in_features {layer.in_features} not a multiple of {m}"
+                    if layer.in_features % m
+                    else f"{type(child).__name__} reads its weight directly"
+                )
+                skipped.append(f"{full} ({why})")
                 continue
             if id(layer) not in made:  # a Linear shared by two paths stays one module
                 try:
@@ -117,6 +139,12 @@ def sparsify_linears(
             swaps.append((child, attribute, made[id(layer)]))
     for child, attribute, replacement in swaps:
         setattr(child, attribute, replacement)
+    if skipped:
+        warnings.warn(
+            "sparsify_linears left Linear layers dense: " + ", ".join(dict.fromkeys(skipped)),
+            SpaWarning,
+            stacklevel=2,
+        )
     return module
 
 

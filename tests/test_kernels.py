@@ -638,6 +638,29 @@ def test_nm_linear_module_and_sparsify_linears():
         torch.testing.assert_close(again(x.half()), model[0](x.half()))
 
 
+def test_sparsify_linears_names_what_it_leaves_dense_and_refuses_training():
+    """A Linear it cannot swap is named in a SpaWarning, not skipped in silence; a model that
+    is one Linear comes back as its NMLinear; a forward that would need a backward is refused
+    (the result was cut from the graph: nothing behind the layer trained)."""
+    from spa_compiler.kernels.nm_module import NMLinear, sparsify_linears
+    from torch import nn
+
+    from spa_compiler.errors import SpaWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 8))
+    with pytest.warns(SpaWarning, match=r"2 \(in_features 30 not a multiple of 4\)"):
+        sparsify_linears(model, prune=True)
+    assert isinstance(model[0], NMLinear) and isinstance(model[2], nn.Linear)
+    layer = sparsify_linears(nn.Linear(16, 4), prune=True)
+    assert isinstance(layer, NMLinear) and layer.in_features == 16
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference"):
+        model(x)
+    with torch.no_grad():
+        assert model(x).shape == (2, 8)
+
+
 def test_a_bfloat16_models_archive_feeds_the_kernel():
     """np.savez stores a bfloat16 weight's values as 2-byte void ('V2'); from_compressed reads
     them as bfloat16 (it raised a TypeError). The interpreter's default tile for bf16 is not a
