@@ -572,6 +572,19 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "dot"
 INTERPRETER_BF16_CONFIG = {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "MODE": "fma"}
 
 
+# What a fixed ``config`` may name: the blocks and product path, and Triton's launch options.
+CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE", "SPLIT_K", "GROUP_SIZE_M", "LOOP_STAGES",
+               "num_warps", "num_stages"}  # fmt: skip
+
+
+def _check_weight(weight) -> None:
+    if not isinstance(weight, NMWeight):
+        raise ValueError(
+            f"weight must be an NMWeight (NMWeight.from_dense, from_compressed or load_archive), "
+            f"not {type(weight).__name__}"
+        )
+
+
 def _positive_int(value) -> bool:
     try:
         return not isinstance(value, bool) and operator.index(value) > 0
@@ -591,6 +604,9 @@ def _launch_options(config: dict | None, dtype: torch.dtype | None = None) -> di
     missing = [name for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "MODE") if name not in config]
     if missing:
         raise ValueError(f"config lacks {', '.join(missing)}")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:  # a misspelt SPLIT_K or num_warps was ignored
+        raise ValueError(f"config has unknown keys {unknown} (known: {sorted(CONFIG_KEYS)})")
     options = {"GROUP_SIZE_M": GROUP_SIZE_M, **config}
     # tl.arange and the tiles' reshapes need powers of two (and a zero block never ends)
     for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
@@ -682,6 +698,7 @@ def nm_matmul(
 ) -> torch.Tensor:
     """``act(x · Wᵀ + bias)`` with W [N, K] N:M sparse, read compressed. ``config`` fixes the
     blocks (BLOCK_M, BLOCK_N, BLOCK_K, MODE; otherwise autotuned per M bucket, N and K)."""
+    _check_weight(weight)
     if weight.values.dtype != x.dtype:
         raise ValueError(f"x is {x.dtype} but the weight is {weight.values.dtype}")
     m, n = x.shape[0], weight.rows
@@ -734,7 +751,14 @@ def decompress(
 ) -> torch.Tensor:
     """The dense [N, K] weight (``rows`` = (start, stop): those rows only), expanded on the
     device; ``blocks`` = (BLOCK_N, BLOCK_K, warps)."""
+    _check_weight(weight)
     start, stop = rows if rows is not None else (0, weight.rows)
+    try:
+        if isinstance(start, bool) or isinstance(stop, bool):
+            raise TypeError
+        start, stop = operator.index(start), operator.index(stop)
+    except TypeError:
+        raise ValueError(f"rows must be two integers (start, stop), not {rows!r}") from None
     if not 0 <= start <= stop <= weight.rows:
         raise ValueError(f"rows {rows} are not inside the weight's {weight.rows}")
     values, words = weight.values[start:stop], weight.words[start:stop]
@@ -781,6 +805,9 @@ def nm_linear(
     weight at once — on an H100 (BENCHMARKS.md, stop 15) chunks of 512-4096 rows measured
     slower than whole (0.82-0.91x cuBLAS against 0.87-0.94x): narrower GEMMs lose more than
     the saved round trip."""
+    _check_weight(weight)
+    if chunk_rows is not None and not _positive_int(chunk_rows):
+        raise ValueError(f"chunk_rows must be a positive integer, not {chunk_rows!r}")
     if x.shape[0] < dense_from_m:
         return nm_matmul(x, weight, bias, activation)
     if weight.values.dtype != x.dtype:  # as nm_matmul: not torch's error, nor decompress's
@@ -790,8 +817,6 @@ def nm_linear(
     if chunk_rows is None or chunk_rows >= n:
         out = torch.nn.functional.linear(x, decompress(weight), bias)
     else:
-        if not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, not {chunk_rows!r}")
         out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
         buffer = torch.empty((chunk_rows, weight.k), dtype=x.dtype, device=x.device)
         for start in range(0, n, chunk_rows):

@@ -254,6 +254,17 @@ def test_bad_operands_are_refused_with_clear_errors():
         nm_matmul(torch.randn(2, 32).half(), weight, config={**DOT, "MODE": "fast"})
     with pytest.raises(ValueError, match=r"out must be \[2, 8\] torch\.float16"):
         nm_matmul(torch.randn(2, 32).half(), weight, out=torch.empty(2, 8, dtype=torch.int32))
+    from spa_compiler.kernels.nm_matmul import decompress, nm_linear
+
+    with pytest.raises(ValueError, match="weight must be an NMWeight"):
+        nm_matmul(torch.randn(2, 32).half(), torch.randn(8, 32).half())
+    with pytest.raises(ValueError, match=r"unknown keys \['SPLITK'\]"):
+        nm_matmul(torch.randn(2, 32).half(), weight, config={**DOT, "SPLITK": 2})
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer, not True"):
+        nm_linear(torch.randn(2, 32).half(), weight, chunk_rows=True)
+    with pytest.raises(ValueError, match="rows must be two integers"):
+        decompress(weight, rows=(0.0, 2.0))
+    assert decompress(weight, rows=(np.int64(2), np.int64(4))).shape == (2, 32)
 
 
 def test_archives_that_break_the_format_are_refused():
