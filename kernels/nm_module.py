@@ -9,6 +9,10 @@ module's ``nn.Linear`` children for it in place, for inference (the kernels have
 The weight is read compressed — for fp16 2:4, 9/16 of the dense bytes — which is where a
 decode step's time goes. ``prune=False`` takes weights already N:M sparse (``spa compile
 --nm 2:4`` made them so, with OBS weight updates) and refuses any that are not.
+
+Save and load a sparsified model by its ``state_dict`` (the compressed buffers), into a model
+sparsified the same way: ``torch.save(model)`` pickles the ``NMWeight`` objects, which
+``torch.load``'s default ``weights_only=True`` refuses.
 """
 
 from __future__ import annotations

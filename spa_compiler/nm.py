@@ -107,7 +107,8 @@ def decompress(values: np.ndarray, positions: np.ndarray, m: int) -> np.ndarray:
 #   meta       [R, ceil(K/M · N · bits / 8)] uint8: each kept value's position inside its group
 #              of M (0 … M−1), ``bits`` = 2 for M = 4 and 4 for M = 8, 16, packed from the low
 #              bits of byte 0 upwards, row by row (a group with fewer than N non-zeros keeps
-#              zeros at its lowest free positions).
+#              zeros at its lowest free positions; zeros beyond those come back as +0.0, so the
+#              N:M pass writes pruned weights as +0.0, never -0.0).
 #
 # An .npz holds ``<weight>.values`` and ``<weight>.meta`` per weight, and ``format``: JSON with
 # the version, the pattern and, per weight, its shape, axis, R, K, bits and dtype.
