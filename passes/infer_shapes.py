@@ -68,13 +68,17 @@ _RUNS = itertools.count()
 MAX_ACTIVATION_BYTES = 2**32  # onnxruntime's own limit for a Tile output
 
 
+# The name it is loaded under, and so its logger's name (``logging.getLogger(__name__)``).
+SYMBOLIC_MODULE = "spa_symbolic_shape_infer"
+
+
 @functools.cache
 def _symbolic_shape_inference() -> type:
     """onnxruntime's SymbolicShapeInference, loaded from its file: importing the
     ``onnxruntime.tools`` package imports torch when it is installed (1.4 s)."""
     spec = importlib.util.find_spec("onnxruntime")
     path = pathlib.Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py"
-    module_spec = importlib.util.spec_from_file_location("spa_symbolic_shape_infer", path)
+    module_spec = importlib.util.spec_from_file_location(SYMBOLIC_MODULE, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.SymbolicShapeInference
@@ -86,7 +90,9 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
 
     SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - a class
 
-    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    # Loaded from its file under SYMBOLIC_MODULE, it logs there, not to its package name
+    # (its "Unable to determine if ... treat as equal" went to stderr, one line per Slice).
+    logger = logging.getLogger(SYMBOLIC_MODULE)
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
