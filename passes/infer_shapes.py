@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import itertools
+import logging
 import pathlib
 import warnings
 
@@ -84,17 +85,37 @@ def _symbolic_shape_inference() -> type:
     return module.SymbolicShapeInference
 
 
-def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's symbolic shape inference; None where it cannot handle the graph."""
-    import logging
+class _GuessRecorder(logging.Handler):
+    """The symbolic inference's warnings where it assumed what it could not prove ("Unable to
+    determine if e <= d, treat as equal" on a Slice, "Cannot determine if i < 0"): shapes
+    built on them can be wrong (a window of 7 where the tensor holds 4)."""
 
+    GUESSES = ("treat as equal", "Cannot determine", "unsafe merge")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(guess in message for guess in self.GUESSES):
+            self.messages.append(message)
+
+
+def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference; None where it cannot handle the graph or
+    guessed."""
     SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - a class
 
     # Loaded from its file under SYMBOLIC_MODULE, it logs there, not to its package name
     # (its "Unable to determine if ... treat as equal" went to stderr, one line per Slice).
+    # Its warnings are kept off stderr but read: where it guessed, its shapes are not used.
     logger = logging.getLogger(SYMBOLIC_MODULE)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    level, propagate = logger.level, logger.propagate
+    guesses = _GuessRecorder()
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.addHandler(guesses)
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -106,11 +127,15 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
             while inference.run_:
                 complete = inference._infer_impl()
             inference._update_output_from_vi()
+            if guesses.messages:  # a dim it could not prove equal it made equal: a guess
+                return None
             return inference.out_mp_ if complete else None
     except Exception:  # it raises bare exceptions on ops it does not know; ONNX's result stands
         return None
     finally:
+        logger.removeHandler(guesses)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _all_resolved(proto: onnx.ModelProto) -> bool:
