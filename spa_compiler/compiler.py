@@ -426,6 +426,14 @@ def compile(
         statistics: dict[str, Any] = {}
         context = None
         warnings: list[str] = []
+        uncounted = flops.unresolved(loaded.graph)
+        if uncounted:
+            warnings.append(
+                f"MACs and FLOPs are lower bounds: shape inference left dims unknown at "
+                f"{len(uncounted)} node(s) that multiply (first: {uncounted[0]}), each counted "
+                "as 1"
+                + ("; --target-flops searches on these counts" if target_flops is not None else "")
+            )
         if (
             calibration is not None
             and not (uses_obs or compensate or scores_need_moments)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa_compiler.ir import ANONYMOUS_DIM_PREFIX
 from spa_compiler.op_rules import REDUCE_OPS
 
 
@@ -234,3 +235,21 @@ def count(graph: gs.Graph, shape_of: Callable[[gs.Tensor], list | None] = _shape
         "flops": sum(flops.values()),
         "flops_by_op": dict(flops),
     }
+
+
+def _unknown(dim: object) -> bool:
+    return dim is None or (isinstance(dim, str) and dim.startswith(ANONYMOUS_DIM_PREFIX))
+
+
+def unresolved(graph: gs.Graph) -> list[str]:
+    """Nodes that multiply-accumulate (``MAC_OPS``) with a dim shape inference left unknown in
+    an operand or the output: each counts as 1, so the graph's MACs are a lower bound (and a
+    rewrite that resolves more shapes can count more than the original)."""
+    found = []
+    for node in graph.nodes:
+        if node.op not in MAC_OPS:
+            continue
+        operands = [t for t in [*node.inputs, *node.outputs[:1]] if t.name]
+        if any(t.shape is None or any(_unknown(d) for d in t.shape) for t in operands):
+            found.append(node.name or node.op)
+    return found

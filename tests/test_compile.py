@@ -262,3 +262,39 @@ def test_output_gets_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_macs_counted_on_unknown_dims_are_named_a_lower_bound():
+    """A MatMul whose rows shape inference cannot know (a Slice bounded by another input's
+    length) counts them as 1: the report says its MACs are a lower bound, and a model whose
+    shapes are all known gets no such warning."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.zeros(1, np.int64), "zero"),
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["y"], ["ends"]),
+        helper.make_node("Slice", ["x", "zero", "ends", "zero"], ["rows"]),
+        helper.make_node("MatMul", ["rows", "w1"], ["h"], name="first"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["out"], name="second"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 8]),
+            helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["c"]),
+        ],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [None, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = spa_compiler.compile(model, ratio=0.5, criterion="l1")
+    assert any("lower bounds" in w and "first" in w for w in report.warnings), report.warnings
+    _, known = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.3, criterion="l1")
+    assert not any("lower bounds" in w for w in known.warnings)
