@@ -33,6 +33,7 @@ from spa_compiler.ir import (
 )
 from spa_compiler.pipeline import run_passes
 from spa_compiler.plan import Plan, check_plan_matches
+from spa_compiler.runtime import observed_shapes
 
 
 @dataclass
@@ -125,9 +126,21 @@ def _nbytes(constant: gs.Constant) -> int:
     return int(np.asarray(values).nbytes)
 
 
-def measure(graph: gs.Graph) -> dict[str, Any]:
+def _observed_shape_of(observed: dict[str, list[int]]):
+    """A shape lookup for the FLOPs counter: a run's shape where shape inference had none."""
+
+    def shape_of(tensor: gs.Tensor) -> list | None:
+        known = observed.get(tensor.name)
+        return known if known is not None else flops._shape_of(tensor)
+
+    return shape_of
+
+
+def measure(graph: gs.Graph, observed: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Parameters, MACs, FLOPs, bytes and ops of ``graph``; ``observed``: shapes measured in a
+    run (``runtime.observed_shapes``) for tensors shape inference left unknown."""
     sizes = weight_sizes(graph)
-    counted = flops.count(graph)
+    counted = flops.count(graph, _observed_shape_of(observed or {}))
     nbytes = sum(
         _nbytes(tensor) for tensor in graph.tensors().values() if isinstance(tensor, gs.Constant)
     )
@@ -143,9 +156,15 @@ def measure(graph: gs.Graph) -> dict[str, Any]:
     }
 
 
-def estimate(graph: gs.Graph, groups: dict[int, Any], plan: Plan) -> dict[str, int]:
+def estimate(
+    graph: gs.Graph,
+    groups: dict[int, Any],
+    plan: Plan,
+    observed: dict[str, list[int]] | None = None,
+) -> dict[str, int]:
     """Parameters and MACs the model would have after ``plan``, from shapes alone: every axis
     that shrinks is a member of a planned group, so no rewrite is needed."""
+    base = _observed_shape_of(observed or {})
     removed: dict[tuple[str, int], int] = defaultdict(int)
     for planned in plan.groups:
         channels = planned.removed
@@ -154,11 +173,12 @@ def estimate(graph: gs.Graph, groups: dict[int, Any], plan: Plan) -> dict[str, i
                 removed[(member.tensor, member.axis)] += int(member.indices[channels].size)
 
     def shape_of(tensor: gs.Tensor) -> list | None:
-        if tensor.shape is None:
+        shape = base(tensor)
+        if shape is None:
             return None
         return [
             d - removed.get((tensor.name, i), 0) if isinstance(d, int) else d
-            for i, d in enumerate(tensor.shape)
+            for i, d in enumerate(shape)
         ]
 
     sizes = weight_sizes(graph)
@@ -401,7 +421,10 @@ def compile(
     loaded, original = _load(model, timings)
     proto = None
     try:
-        before = measure(loaded.graph)
+        # Where shape inference left a multiplying node's dims unknown (they would count as
+        # 1), one onnxruntime run of the original tells them.
+        observed = observed_shapes(original, flops.unresolved_tensors(loaded.graph))
+        before = measure(loaded.graph, observed)
         output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
 
         analyzed = run_passes(loaded, [AnalyzeChannels(heads=plan.heads if plan else heads)])
@@ -426,7 +449,7 @@ def compile(
         statistics: dict[str, Any] = {}
         context = None
         warnings: list[str] = []
-        uncounted = flops.unresolved(loaded.graph)
+        uncounted = flops.unresolved(loaded.graph, _observed_shape_of(observed))
         if uncounted:
             warnings.append(
                 f"MACs and FLOPs are lower bounds: shape inference left dims unknown at "
@@ -481,7 +504,8 @@ def compile(
                 base = max(1, before[target_key])
 
                 def fraction(trial_ratio: float) -> float:
-                    return estimate(loaded.graph, groups, select(trial_ratio))[target_key] / base
+                    estimated = estimate(loaded.graph, groups, select(trial_ratio), observed)
+                    return estimated[target_key] / base
 
                 low, high = 0.0, 0.99
                 if fraction(high) > target:
@@ -528,12 +552,15 @@ def compile(
             )
             timings += sparsity.pop("timings")
             warnings += sparsity.pop("warnings")
+        unknown_after = flops.unresolved_tensors(rewritten.model.graph)
         after = measure(rewritten.model.graph)
-        if target is not None:
-            achieved = after[target_key] / max(1, before[target_key])
         started_export = time.perf_counter()
         proto = export(rewritten.model, original)
         timings.append(("export", time.perf_counter() - started_export))
+        if unknown_after:
+            after = measure(rewritten.model.graph, observed_shapes(proto, unknown_after))
+        if target is not None:
+            achieved = after[target_key] / max(1, before[target_key])
         if validate:
             checked = run_passes(rewritten.model, [ValidateModel(proto, original, output_shapes)])
             timings += [(name, seconds) for name, _, seconds in checked.results]

@@ -3,6 +3,9 @@
 Symbolic dims (the batch) count as 1, so figures are per sample; a dim written as an
 expression of them (shape inference's ``floor((1024*w + 1024)/(w + 1))``) is evaluated with
 every symbol at 1, so the same size counts the same before and after a rewrite simplifies it.
+A dim shape inference cannot tell at all counts as 1 too; ``compile`` measures those in one
+onnxruntime run with the symbolic dims at 1 (``runtime.observed_shapes``) and otherwise says
+the counts are lower bounds (``unresolved``).
 """
 
 from __future__ import annotations
@@ -241,15 +244,32 @@ def _unknown(dim: object) -> bool:
     return dim is None or (isinstance(dim, str) and dim.startswith(ANONYMOUS_DIM_PREFIX))
 
 
-def unresolved(graph: gs.Graph) -> list[str]:
+def _unresolved_operands(
+    node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _shape_of
+) -> list[gs.Tensor]:
+    operands = [t for t in [*node.inputs, *node.outputs[:1]] if t.name]
+    return [t for t in operands if shape_of(t) is None or any(_unknown(d) for d in shape_of(t))]
+
+
+def unresolved(
+    graph: gs.Graph, shape_of: Callable[[gs.Tensor], list | None] = _shape_of
+) -> list[str]:
     """Nodes that multiply-accumulate (``MAC_OPS``) with a dim shape inference left unknown in
     an operand or the output: each counts as 1, so the graph's MACs are a lower bound (and a
     rewrite that resolves more shapes can count more than the original)."""
-    found = []
+    return [
+        node.name or node.op
+        for node in graph.nodes
+        if node.op in MAC_OPS and _unresolved_operands(node, shape_of)
+    ]
+
+
+def unresolved_tensors(graph: gs.Graph) -> list[gs.Variable]:
+    """The tensors behind ``unresolved``: operands of MAC nodes with an unknown dim."""
+    found: dict[str, gs.Variable] = {}
     for node in graph.nodes:
-        if node.op not in MAC_OPS:
-            continue
-        operands = [t for t in [*node.inputs, *node.outputs[:1]] if t.name]
-        if any(t.shape is None or any(_unknown(d) for d in t.shape) for t in operands):
-            found.append(node.name or node.op)
-    return found
+        if node.op in MAC_OPS:
+            for tensor in _unresolved_operands(node):
+                if isinstance(tensor, gs.Variable):
+                    found.setdefault(tensor.name, tensor)
+    return list(found.values())

@@ -40,12 +40,14 @@ def declared_inputs(proto: onnx.ModelProto) -> list[DeclaredInput]:
     return inputs
 
 
-def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values of each graph input's declared shape (symbolic dims set small)."""
+def random_inputs(
+    proto: onnx.ModelProto, seed: int = 0, symbolic: int = SYMBOLIC_DIM
+) -> dict[str, np.ndarray]:
+    """Random values of each graph input's declared shape (symbolic dims ``symbolic``)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for declared in declared_inputs(proto):
-        shape = [SYMBOLIC_DIM if d is None else d for d in declared.dims]
+        shape = [symbolic if d is None else d for d in declared.dims]
         dtype = declared.dtype
         if dtype == np.bool_:
             feeds[declared.name] = np.asarray(rng.random(shape) < 0.5)
@@ -114,10 +116,35 @@ def run_session(
     return session(proto, arrays).run(None, feeds)
 
 
+def observed_shapes(proto: onnx.ModelProto, tensors: Sequence) -> dict[str, list[int]]:
+    """The shapes ``tensors`` (graphsurgeon variables of ``proto``'s graph) take in one
+    onnxruntime run on random inputs with every symbolic dim 1 — the FLOPs counter's
+    per-sample convention — where shape inference could not tell them; {} where the model
+    does not run so (a symbolic dim that must be larger, an op onnxruntime lacks)."""
+    produced = {name for node in proto.graph.node for name in node.output if name}
+    wanted = []
+    for tensor in tensors:
+        try:
+            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+        except (TypeError, KeyError, ValueError):
+            continue
+        if tensor.name in produced:
+            wanted.append((tensor.name, elem_type))
+    if not wanted:
+        return {}
+    try:
+        feeds = random_inputs(proto, symbolic=1)
+        arrays = session(proto, extra_outputs=wanted).run([n for n, _ in wanted], feeds)
+    except Exception:  # a count stays a lower bound (and says so); it never ends a compile
+        return {}
+    return {name: list(np.shape(a)) for (name, _), a in zip(wanted, arrays, strict=True)}
+
+
 __all__ = [
     "DeclaredInput",
     "WeightFedSession",
     "declared_inputs",
+    "observed_shapes",
     "random_inputs",
     "run_session",
     "session",

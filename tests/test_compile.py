@@ -264,20 +264,26 @@ def test_output_gets_ordinary_permissions(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
 
 
-def test_macs_counted_on_unknown_dims_are_named_a_lower_bound():
-    """A MatMul whose rows shape inference cannot know (a Slice bounded by another input's
-    length) counts them as 1: the report says its MACs are a lower bound, and a model whose
-    shapes are all known gets no such warning."""
+def _sliced_mlp(halves: bool) -> onnx.ModelProto:
+    """x [6, 8] sliced to c + 2 rows, y [c] (``halves``: c / 2, through a Reshape to [2, -1]
+    that c = 1 cannot take), then two MatMuls: shape inference cannot tell the rows."""
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(np.zeros(1, np.int64), "zero"),
+        numpy_helper.from_array(np.array([2, -1], np.int64), "two_rows"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
         numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
         numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
     ]
+    ends = [
+        helper.make_node("Reshape", ["y", "two_rows"], ["pairs"]),
+        helper.make_node("Shape", ["pairs"], ["ends"], start=1),
+    ]
     nodes = [
-        helper.make_node("Shape", ["y"], ["ends"]),
+        *(ends if halves else [helper.make_node("Shape", ["y"], ["length"])]),
+        *([] if halves else [helper.make_node("Add", ["length", "two"], ["ends"])]),
         helper.make_node("Slice", ["x", "zero", "ends", "zero"], ["rows"]),
         helper.make_node("MatMul", ["rows", "w1"], ["h"], name="first"),
         helper.make_node("Relu", ["h"], ["r"]),
@@ -293,8 +299,23 @@ def test_macs_counted_on_unknown_dims_are_named_a_lower_bound():
         [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [None, 4])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    _, report = spa_compiler.compile(model, ratio=0.5, criterion="l1")
-    assert any("lower bounds" in w and "first" in w for w in report.warnings), report.warnings
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_macs_over_dims_inference_cannot_tell_come_from_a_run():
+    """Shape inference cannot bound the rows (a Slice to another input's length): one
+    onnxruntime run with the symbolic dim at 1 (the counts are per sample) gives them, before
+    and after pruning, and a --target-flops search reads the same counts. Where the model does
+    not run so, the report says its MACs are lower bounds (each unknown dim counted as 1)."""
+    _, report = spa_compiler.compile(_sliced_mlp(False), ratio=0.5, criterion="l1", round_to=1)
+    assert report.before["macs"] == 3 * 8 * 16 + 3 * 16 * 4  # c = 1: 3 rows, not 1
+    assert report.after["macs"] == 3 * 8 * 8 + 3 * 8 * 4
+    assert not any("lower bounds" in w for w in report.warnings), report.warnings
+    _, targeted = spa_compiler.compile(
+        _sliced_mlp(False), target_flops=0.5, criterion="l1", round_to=1
+    )
+    assert targeted.after["macs"] / targeted.before["macs"] <= 0.5 * 1.02
+    _, guessed = spa_compiler.compile(_sliced_mlp(True), ratio=0.5, criterion="l1", round_to=1)
+    assert any("lower bounds" in w and "first" in w for w in guessed.warnings), guessed.warnings
     _, known = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.3, criterion="l1")
     assert not any("lower bounds" in w for w in known.warnings)
