@@ -102,9 +102,10 @@ class _GuessRecorder(logging.Handler):
             self.messages.append(message)
 
 
-def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's symbolic shape inference; None where it cannot handle the graph or
-    guessed."""
+def _symbolic_inference(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]] | None:
+    """onnxruntime's symbolic shape inference and the outputs of the Slice nodes where it
+    guessed (their shapes, and all shapes computed from them, may be wrong); None where it
+    cannot handle the graph or guessed elsewhere."""
     SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - a class
 
     # Loaded from its file under SYMBOLIC_MODULE, it logs there, not to its package name
@@ -122,20 +123,47 @@ def _symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
             # SymbolicShapeInference.infer_shapes, less its side effect: when inference stays
             # incomplete it saves "sym_shape_infer_temp.onnx" into the working directory.
             inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+            guessed: set[str] = set()
+            attributed = 0
+            infer_slice = inference.dispatcher_["Slice"]
+
+            def slice_noting_guesses(node: onnx.NodeProto) -> None:
+                nonlocal attributed
+                before = len(guesses.messages)
+                infer_slice(node)
+                if len(guesses.messages) > before:
+                    guessed.update(name for name in node.output if name)
+                    attributed += len(guesses.messages) - before
+
+            inference.dispatcher_["Slice"] = slice_noting_guesses
             complete = False
             inference._preprocess(proto)
             while inference.run_:
                 complete = inference._infer_impl()
             inference._update_output_from_vi()
-            if guesses.messages:  # a dim it could not prove equal it made equal: a guess
+            if len(guesses.messages) > attributed:  # a guess not traced to a Slice
                 return None
-            return inference.out_mp_ if complete else None
+            return (inference.out_mp_, guessed) if complete else None
     except Exception:  # it raises bare exceptions on ops it does not know; ONNX's result stands
         return None
     finally:
         logger.removeHandler(guesses)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def _downstream(graph: gs.Graph, names: set[str]) -> set[str]:
+    """``names`` and every tensor computed from them (through any number of nodes)."""
+    tensors = graph.tensors()
+    found, frontier = set(), [name for name in names if name in tensors]
+    while frontier:
+        name = frontier.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for node in tensors[name].outputs:
+            frontier.extend(t.name for t in node.outputs if t.name and t.name not in found)
+    return found | set(names)
 
 
 def _all_resolved(proto: onnx.ModelProto) -> bool:
@@ -308,9 +336,17 @@ class InferShapes(Pass):
         symbolic = None
         if self.symbolic and not _all_resolved(inferred):
             symbolic = _symbolic_inference(inferred)
-        if symbolic is not None:
-            values += [*symbolic.graph.value_info, *symbolic.graph.output]
         tensors = graph.tensors()
+        if symbolic is not None:
+            symbolic_proto, guessed = symbolic
+            # A Slice it could not bound got its input's length (a crop after padding kept
+            # the padded size): that shape and every shape computed from it are not taken.
+            tainted = _downstream(graph, guessed)
+            values += [
+                value
+                for value in [*symbolic_proto.graph.value_info, *symbolic_proto.graph.output]
+                if value.name not in tainted
+            ]
         input_symbols = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
         changed = len(corrected)
         run = next(_RUNS)

@@ -177,6 +177,39 @@ def test_symbolic_inference_guesses_stay_off_stderr(tmp_path):
     assert model.graph.tensors()["out"].shape[0] != "a"
 
 
+def test_a_symbolic_guess_costs_only_the_shapes_computed_from_it(tmp_path):
+    """Where onnxruntime's symbolic inference guesses on a Slice, that Slice's output and
+    what is computed from it lose their symbolic shapes; another branch (a Range as long as
+    z, which ONNX's inference cannot size) keeps its own."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["a", 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["c"])
+    z = helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["b"])
+    outputs = [
+        helper.make_tensor_value_info("doubled", onnx.TensorProto.FLOAT, [None, 8]),
+        helper.make_tensor_value_info("steps", onnx.TensorProto.INT64, [None]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.zeros(1, np.int64), "zero"),
+        numpy_helper.from_array(np.array(0, np.int64), "start"),
+        numpy_helper.from_array(np.array(1, np.int64), "step"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["y"], ["ends"]),
+        helper.make_node("Slice", ["x", "zero", "ends", "zero"], ["out"]),
+        helper.make_node("Add", ["out", "out"], ["doubled"]),
+        helper.make_node("Shape", ["z"], ["z_shape"]),
+        helper.make_node("Gather", ["z_shape", "start"], ["length"], axis=0),
+        helper.make_node("Range", ["start", "length", "step"], ["steps"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [x, y, z], outputs, inits)
+    path = tmp_path / "branches.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    tensors = spa_compiler.load(str(path)).graph.tensors()
+    assert tensors["steps"].shape == ["b"]
+    for name in ("out", "doubled"):
+        assert tensors[name].shape is None or tensors[name].shape[0] != "a"
+
+
 def test_declared_shapes_inference_cannot_reach_are_kept():
     """After an op ONNX's inference does not know, the declared shape is all spa has."""
     b = GraphBuilder()
