@@ -3,6 +3,7 @@ declared shapes: shared by validation and by activation statistics."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,13 +76,14 @@ class WeightFedSession:
 def session(
     proto: onnx.ModelProto,
     arrays: dict[str, np.ndarray] | None = None,
-    extra_outputs: Sequence[tuple[str, int]] = (),
+    extra_outputs: Sequence[tuple[str, int | None]] = (),
     optimize: bool = False,
 ) -> WeightFedSession:
     """An onnxruntime session that neither serializes nor copies the model's large weights
     (serializing BERT-base costs seconds and a copy). ``arrays`` supplies weights already in
     memory by name, saving a decode of the proto; ``extra_outputs`` (name, ONNX element
-    type) exposes intermediate tensors."""
+    type, or None where it is not known: the output is then declared untyped) exposes
+    intermediate tensors."""
     arrays = {**held_weights(proto), **(arrays or {})}
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures reach users as spa's one-line errors
@@ -91,7 +93,11 @@ def session(
     declared = {value.name for value in light.graph.output}
     for name, elem_type in extra_outputs:
         if name not in declared:
-            light.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+            light.graph.output.append(
+                onnx.helper.make_empty_tensor_value_info(name)
+                if elem_type is None
+                else onnx.helper.make_tensor_value_info(name, elem_type, None)
+            )
             declared.add(name)
     fed = {value.name for value in light.graph.input} - {v.name for v in proto.graph.input}
     weights = {}
@@ -124,10 +130,12 @@ def observed_shapes(proto: onnx.ModelProto, tensors: Sequence) -> dict[str, list
     produced = {name for node in proto.graph.node for name in node.output if name}
     wanted = []
     for tensor in tensors:
-        try:
-            elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
-        except (TypeError, KeyError, ValueError):
-            continue
+        # A type graphsurgeon does not know (None: np.dtype(None) would be float64, which
+        # onnxruntime refuses for a float tensor, losing every observation) is left undeclared.
+        elem_type = None
+        if tensor.dtype is not None:
+            with contextlib.suppress(TypeError, KeyError, ValueError):
+                elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
         if tensor.name in produced:
             wanted.append((tensor.name, elem_type))
     if not wanted:

@@ -319,3 +319,28 @@ def test_macs_over_dims_inference_cannot_tell_come_from_a_run():
     assert any("lower bounds" in w and "first" in w for w in guessed.warnings), guessed.warnings
     _, known = spa_compiler.compile(f"{MODELS}/resnet_tiny.onnx", ratio=0.3, criterion="l1")
     assert not any("lower bounds" in w for w in known.warnings)
+
+
+def test_observed_shapes_of_a_tensor_of_unknown_type():
+    """A MAC operand graphsurgeon has no dtype for is still observed (it was declared float64,
+    which onnxruntime refused, and every observation of the run was lost)."""
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa_compiler.runtime import observed_shapes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    weights = [
+        numpy_helper.from_array(np.ones((8, 4), np.float32), "w"),
+        numpy_helper.from_array(np.arange(8, dtype=np.int64), "idx"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["x", "idx"], ["g"], axis=1),
+        helper.make_node("MatMul", ["g", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], weights)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    tensors = gs.import_onnx(proto).tensors()
+    assert tensors["g"].dtype is None
+    assert observed_shapes(proto, [tensors["g"], tensors["y"]]) == {"g": [1, 8], "y": [1, 4]}
