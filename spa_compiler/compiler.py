@@ -422,8 +422,10 @@ def compile(
     proto = None
     try:
         # Where shape inference left a multiplying node's dims unknown (they would count as
-        # 1), one onnxruntime run of the original tells them.
-        observed = observed_shapes(original, flops.unresolved_tensors(loaded.graph))
+        # 1), one onnxruntime run of the original tells them (not with validate=False: no
+        # onnxruntime session then).
+        unknown_before = flops.unresolved_tensors(loaded.graph) if validate else []
+        observed = observed_shapes(original, unknown_before)
         before = measure(loaded.graph, observed)
         output_shapes = [None if t.shape is None else list(t.shape) for t in loaded.graph.outputs]
 
@@ -552,7 +554,7 @@ def compile(
             )
             timings += sparsity.pop("timings")
             warnings += sparsity.pop("warnings")
-        unknown_after = flops.unresolved_tensors(rewritten.model.graph)
+        unknown_after = flops.unresolved_tensors(rewritten.model.graph) if validate else []
         after = measure(rewritten.model.graph)
         started_export = time.perf_counter()
         proto = export(rewritten.model, original)
