@@ -127,12 +127,12 @@ def sparsify_linears(
             full = f"{name}.{attribute}" if name else attribute
             if not isinstance(layer, nn.Linear) or any(fnmatch.fnmatch(full, p) for p in exclude):
                 continue
-            if layer.in_features % m or isinstance(child, READS_LINEAR_WEIGHTS):
-                why = (
-                    f"in_features {layer.in_features} not a multiple of {m}"
-                    if layer.in_features % m
-                    else f"{type(child).__name__} reads its weight directly"
-                )
+            why = None
+            if layer.in_features % m:
+                why = f"in_features {layer.in_features} not a multiple of {m}"
+            elif isinstance(child, READS_LINEAR_WEIGHTS):
+                why = f"{type(child).__name__} reads its weight directly"
+            if why:
                 skipped.append(f"{full} ({why})")
                 continue
             if id(layer) not in made:  # a Linear shared by two paths stays one module

@@ -555,11 +555,12 @@ def compile(
             timings += sparsity.pop("timings")
             warnings += sparsity.pop("warnings")
         unknown_after = flops.unresolved_tensors(rewritten.model.graph) if validate else []
-        after = measure(rewritten.model.graph)
+        # measured before export, or, where a run must tell some dims, on the exported model
+        after = None if unknown_after else measure(rewritten.model.graph)
         started_export = time.perf_counter()
         proto = export(rewritten.model, original)
         timings.append(("export", time.perf_counter() - started_export))
-        if unknown_after:
+        if after is None:
             after = measure(rewritten.model.graph, observed_shapes(proto, unknown_after))
         if target is not None:
             achieved = after[target_key] / max(1, before[target_key])

@@ -248,7 +248,12 @@ def _unresolved_operands(
     node: gs.Node, shape_of: Callable[[gs.Tensor], list | None] = _shape_of
 ) -> list[gs.Tensor]:
     operands = [t for t in [*node.inputs, *node.outputs[:1]] if t.name]
-    return [t for t in operands if shape_of(t) is None or any(_unknown(d) for d in shape_of(t))]
+    shapes = [shape_of(t) for t in operands]
+    return [
+        t
+        for t, shape in zip(operands, shapes, strict=True)
+        if shape is None or any(_unknown(d) for d in shape)
+    ]
 
 
 def unresolved(

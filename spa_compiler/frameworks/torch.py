@@ -215,18 +215,26 @@ def _traced(
     tensors named after the Transpose), and the axis order that makes one the other:
     ``pruned = np.transpose(weight, order)``."""
     order = list(range(rank))
-    for _ in range(16):
-        if name in exported:
-            return name, order
-        node = graph.producers.get(name)
-        if node is None or node.op_type not in ("Identity", "Transpose") or not node.input:
-            return None
-        if node.op_type == "Transpose":
+    for source, node in _layout_chain(name, graph):
+        if source in exported:
+            return source, order
+        if node is not None and node.op_type == "Transpose":
             perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
             step = perm[0] if perm else list(reversed(range(rank)))
             order = [step[axis] for axis in order]
-        name = node.input[0]
     return None
+
+
+def _layout_chain(name: str, graph: _OnnxGraph):
+    """``name``, then the input of each Identity or Transpose up the chain that produced it
+    (16 at most), each as (tensor name, the Identity/Transpose producing it or None)."""
+    for _ in range(16):
+        node = graph.producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Transpose") or not node.input:
+            yield name, None
+            return
+        yield name, node
+        name = node.input[0]
 
 
 def _take_pruned_values(
@@ -442,15 +450,11 @@ def _warn_uneven_parts(plan: Plan, graph: _OnnxGraph) -> None:
 
 def _rank(name: str, by_key: dict[str, int], slots: list[_Slot], graph: _OnnxGraph) -> int | None:
     """The rank of a weight reached through Identity and Transpose nodes (they keep it)."""
-    for _ in range(16):
-        if name in by_key:
-            return slots[by_key[name]].tensor.dim()
-        if name in graph.initializers:
-            return len(graph.initializers[name].dims)
-        node = graph.producers.get(name)
-        if node is None or node.op_type not in ("Identity", "Transpose") or not node.input:
-            return None
-        name = node.input[0]
+    for source, _ in _layout_chain(name, graph):
+        if source in by_key:
+            return slots[by_key[source]].tensor.dim()
+        if source in graph.initializers:
+            return len(graph.initializers[source].dims)
     return None
 
 
